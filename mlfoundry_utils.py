@@ -1,0 +1,63 @@
+"""Experiment tracking options, and the run's arguments as they may be shown to a tracker or written to disk."""
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SECRET_NAME = re.compile(r"token|key|secret|password", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
+MASK = "***"
+
+
+@dataclass
+class TrackingArguments:
+    mlfoundry_enable_reporting: bool = field(
+        default=False, metadata={"help": "Log params, metrics and the model to a TrueFoundry ML repo."}
+    )
+    mlfoundry_ml_repo: str | None = field(default=None, metadata={"help": "TrueFoundry ML repo to log the run to."})
+    mlfoundry_run_name: str | None = field(
+        default=None, metadata={"help": "Run name in the ML repo. Default: TFY_INTERNAL_JOB_RUN_NAME or a timestamp."}
+    )
+    mlfoundry_checkpoint_artifact_name: str | None = field(
+        default=None, metadata={"help": "Artifact that checkpoints are uploaded to. Default: derived from the run name."}
+    )
+    mlfoundry_log_checkpoints: bool = field(
+        default=True, metadata={"help": "Upload every saved checkpoint to the ML repo (with reporting enabled)."}
+    )
+
+    def unsupported_options(self) -> list[str]:
+        if self.mlfoundry_enable_reporting:
+            return [
+                "--mlfoundry_enable_reporting true: TrueFoundry reporting is not available in this version yet. "
+                "Set it to false; training metrics go to TensorBoard under --output_dir/runs."
+            ]
+        return []
+
+
+def mask_secrets(value, name: str = ""):
+    """Hide values whose option name looks secret, and passwords inside URLs."""
+    if isinstance(value, dict):
+        return {key: mask_secrets(item, key) for key, item in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(item, name) for item in value]
+    if value is not None and SECRET_NAME.search(name):
+        return MASK
+    if isinstance(value, str):
+        return URL_PASSWORD.sub(rf"\1:{MASK}@", value)
+    return value
+
+
+def run_arguments(*argument_groups) -> dict:
+    """Every option of the run, as JSON-ready values with secrets masked."""
+    merged = {}
+    for group in argument_groups:
+        values = group.to_dict() if hasattr(group, "to_dict") else dataclasses.asdict(group)
+        merged.update(values)
+    return mask_secrets(json.loads(json.dumps(merged, default=str)))
+
+
+def save_run_arguments(output_dir: str, *argument_groups) -> None:
+    path = Path(output_dir) / "run_args.json"
+    path.write_text(json.dumps(run_arguments(*argument_groups), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,103 @@
+"""Argument parsing: train.args defaults, command-line overrides, launcher compatibility, refusals."""
+
+import shlex
+import sys
+
+import pytest
+from conftest import REPO
+
+import train
+
+# Every flag of the TrueFoundry launcher, with values as users pass them.
+TRUEFOUNDRY_LAUNCHER_FLAGS = """
+--deepspeed '' --bf16 false --fp16 false --use_flash_attention false --model_id some/model --train_data data.jsonl
+--max_num_samples 0 --eval_data NA --eval_size 0.1 --num_train_epochs 2 --max_steps -1 --gradient_accumulation_steps 4
+--gradient_checkpointing true --learning_rate 0.0001 --output_dir out --train_on_prompt false --logging_strategy steps
+--logging_steps 5 --save_strategy steps --save_steps 0.05 --evaluation_strategy steps --eval_steps 0.05
+--use_lora true --use_qlora true --qlora_bit_length 4 --lora_target_modules auto --lora_r 16 --lora_alpha 32
+--lora_dropout 0.05 --lora_bias none --mlfoundry_enable_reporting false --mlfoundry_ml_repo my-repo
+--mlfoundry_run_name run-1 --mlfoundry_checkpoint_artifact_name ckpt --mlfoundry_log_checkpoints true
+--resume_from_checkpoint true --auto_find_batch_size false --per_device_train_batch_size 2
+--per_device_eval_batch_size 2 --cleanup_output_dir_on_start false --torch_compile false --use_ddp false
+--max_length 2048 --pad_to_max_length false --early_stopping_patience 3 --early_stopping_threshold 0.01
+"""
+
+
+def parse(monkeypatch, *args):
+    """Parse as `python train.py ARGS` does, so train.args beside train.py is read."""
+    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
+    return dict(zip(("model", "data", "lora", "tracking", "training"), train.parse_args()))
+
+
+def test_train_args_supplies_defaults(monkeypatch):
+    args = parse(monkeypatch, "--model_id", "m", "--train_data", "d.jsonl")
+    defaults = (REPO / "train.args").read_text().split()
+    assert args["training"].learning_rate == float(defaults[defaults.index("--learning_rate") + 1])
+    assert args["training"].logging_steps == float(defaults[defaults.index("--logging_steps") + 1])
+    assert args["lora"].lora_r == int(defaults[defaults.index("--lora_r") + 1])
+
+
+def test_command_line_overrides_train_args(monkeypatch):
+    args = parse(monkeypatch, "--model_id", "m", "--train_data", "d.jsonl", "--learning_rate", "0.123", "--lora_r", "3")
+    assert args["training"].learning_rate == 0.123
+    assert args["lora"].lora_r == 3
+
+
+def test_every_truefoundry_launcher_flag_parses_with_its_meaning(monkeypatch):
+    args = parse(monkeypatch, *shlex.split(TRUEFOUNDRY_LAUNCHER_FLAGS))
+    training = args["training"]
+    assert training.eval_strategy == "steps"  # --evaluation_strategy is the old name
+    assert training.save_steps == 0.05 and training.eval_steps == 0.05
+    assert training.gradient_checkpointing is True and training.bf16 is False
+    assert training.metric_for_best_model == "eval_loss"  # early stopping watches the eval loss
+    assert args["lora"].use_qlora is True and args["lora"].qlora_bit_length == 4
+    assert args["data"].max_length == 2048 and args["data"].eval_data == "NA"
+    assert args["tracking"].mlfoundry_ml_repo == "my-repo"
+
+
+def test_bare_boolean_flags_mean_true(monkeypatch):
+    args = parse(monkeypatch, "--model_id", "m", "--train_data", "d", "--use_lora", "--train_on_prompt")
+    assert args["lora"].use_lora is True and args["data"].train_on_prompt is True
+
+
+def validation_problems(monkeypatch, *extra):
+    args = parse(monkeypatch, "--model_id", "m", "--train_data", "d", *extra)
+    return train.find_argument_problems(args["data"], args["lora"], args["tracking"], args["training"])
+
+
+def test_valid_defaults_have_no_problems(monkeypatch):
+    assert validation_problems(monkeypatch) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (["--mlfoundry_enable_reporting", "true"], "--mlfoundry_enable_reporting true: TrueFoundry reporting is not"),
+        (["--eval_size", "0"], "--eval_strategy needs evaluation data"),
+        (["--eval_strategy", "no", "--early_stopping_patience", "2"], "--early_stopping_patience needs evaluation"),
+        (["--use_lora", "true", "--lora_target_modules", "q_proj"], "--lora_target_modules must be 'auto' or a JSON"),
+    ],
+)
+def test_unsupported_or_incompatible_options_are_refused(monkeypatch, flags, problem):
+    assert any(problem in p for p in validation_problems(monkeypatch, *flags))
+
+
+def test_all_problems_are_reported_together(monkeypatch):
+    problems = validation_problems(monkeypatch, "--eval_size", "0", "--mlfoundry_enable_reporting", "true")
+    assert len(problems) == 2
+
+
+def test_deepspeed_is_refused_until_supported(monkeypatch):
+    with pytest.raises(train.ArgumentError, match="--deepspeed: DeepSpeed is not available"):
+        parse(monkeypatch, "--model_id", "m", "--train_data", "d", "--deepspeed", "ds.json")
+
+
+def test_every_option_has_help():
+    parser = train.HfArgumentParser(train.ARGUMENT_GROUPS)
+    own_options = {f for group in train.ARGUMENT_GROUPS[:-1] for f in group.__dataclass_fields__}
+    own_options |= set(train.FinetuneTrainingArguments.__dataclass_fields__) - set(
+        train.TrainingArguments.__dataclass_fields__
+    )
+    for action in parser._actions:
+        if action.dest in own_options:
+            assert action.help, action.dest

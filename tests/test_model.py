@@ -1,0 +1,75 @@
+"""Model building: LoRA target detection, pad token handling, memory limit parsing, output-dir safety."""
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from checkpoint_utils import OUTPUT_DIR_MARKER, OutputDirError, cleanup_output_dir
+from model_utils import (
+    LoraArguments,
+    ModelArguments,
+    lora_config,
+    lora_target_names,
+    load_tokenizer,
+    parse_memory_limit,
+    parse_target_modules,
+    resize_embeddings_for_tokenizer,
+)
+from peft import get_peft_model
+
+
+def auto_targets(model_dir) -> set[str]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return set(lora_target_names(get_peft_model(model, lora_config(LoraArguments(use_lora=True)))))
+
+
+def test_auto_targets_every_linear_layer_of_llama_but_the_head(tiny_llama):
+    assert auto_targets(tiny_llama) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_auto_targets_gpt2_conv1d_layers_but_not_the_head(tiny_gpt2):
+    assert auto_targets(tiny_gpt2) == {"c_attn", "c_proj", "c_fc"}
+
+
+def test_explicit_target_list_and_bad_value():
+    assert parse_target_modules('["q_proj", "v_proj"]') == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="--lora_target_modules"):
+        parse_target_modules("q_proj,v_proj")
+
+
+def test_pad_token_is_added_and_embeddings_grow(tiny_gpt2):
+    tokenizer = load_tokenizer(ModelArguments(model_id=str(tiny_gpt2)))
+    assert tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    before = model.get_input_embeddings().num_embeddings
+    resize_embeddings_for_tokenizer(model, tokenizer)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) == before + 1
+
+
+@pytest.mark.parametrize(("value", "limit"), [("0.5", 0.5), ("1", 1.0), ("20000", 20000.0)])
+def test_memory_limit_is_a_fraction_or_mib(value, limit):
+    assert parse_memory_limit(value) == limit
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "half"])
+def test_bad_memory_limit_is_refused(value):
+    with pytest.raises(ValueError, match="TORCH_PER_PROCESS_MEMORY_LIMIT"):
+        parse_memory_limit(value)
+
+
+def test_cleanup_deletes_only_marked_output_dirs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.txt").write_text("keep me")
+    with pytest.raises(OutputDirError, match="not created by this script"):
+        cleanup_output_dir(str(foreign))
+    assert (foreign / "data.txt").exists()
+    for protected in ("/", str(tmp_path), "."):
+        with pytest.raises(OutputDirError, match="Nothing was deleted"):
+            cleanup_output_dir(protected)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / OUTPUT_DIR_MARKER).touch()
+    (ours / "checkpoint-1").mkdir()
+    cleanup_output_dir(str(ours))
+    assert not ours.exists()

@@ -1,0 +1,156 @@
+"""End to end through `accelerate launch train.py` on tiny local models: full fine-tune, LoRA, QLoRA, bad input."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import REPO, logged_losses, run_train, write_jsonl
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from checkpoint_utils import OUTPUT_DIR_MARKER
+
+SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
+FAST = [
+    "--max_steps", "40", "--per_device_train_batch_size", "8", "--max_num_samples", "320", "--max_length", "128",
+    "--logging_steps", "5", "--save_strategy", "no", "--eval_strategy", "no", "--eval_size", "0",
+    "--report_to", "none", "--warmup_steps", "0",
+]  # fmt: skip
+
+
+def train_ok(*args: str):
+    result = run_train(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def assert_loss_falls(output_dir, factor: float):
+    losses = logged_losses(output_dir)
+    assert len(losses) >= 4, losses
+    assert losses[-1] < factor * losses[0], losses
+
+
+def generate(model_dir, user: str = "What is 12 + 7?") -> str:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    assert len(new_tokens) > 0
+    return tokenizer.decode(new_tokens)
+
+
+def test_full_finetune(tiny_llama, tmp_path):
+    out = tmp_path / "full"
+    train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
+             "--learning_rate", "0.003", *FAST)  # fmt: skip
+    assert_loss_falls(out, 0.5)
+    generate(out)
+    saved_args = json.loads((out / "run_args.json").read_text())
+    assert saved_args["learning_rate"] == 0.003 and saved_args["model_id"] == str(tiny_llama)
+    assert (out / OUTPUT_DIR_MARKER).exists()
+    assert list(out.glob("*.safetensors"))
+
+
+def test_lora_merged_model_matches_base_plus_adapter(tiny_llama, tmp_path):
+    out = tmp_path / "lora"
+    train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
+             "--use_lora", "true", "--learning_rate", "0.005", *FAST)  # fmt: skip
+    assert_loss_falls(out, 0.7)
+    ids = torch.tensor([[1, 5, 17, 42, 99, 3]])
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+        assert (merged(ids).logits - base.get_base_model()(ids).logits).abs().max() > 1e-3
+    generate(out)
+
+
+def test_qlora_4bit(tiny_llama, tmp_path):
+    out = tmp_path / "qlora"
+    train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
+             "--use_qlora", "true", "--qlora_bit_length", "4", "--learning_rate", "0.005", *FAST)  # fmt: skip
+    assert_loss_falls(out, 0.7)
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert {name.rsplit(".", 1)[-1] for name in adapter_config["target_modules"]} >= {"q_proj", "down_proj"}
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config  # merged into an unquantized base
+    generate(out)
+
+
+def reverse_word_chats(count: int) -> list[dict]:
+    """A different chat task than the sample data: spell a word backwards."""
+    rng = random.Random(7)
+    words = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "forest", "silver"]
+    chats = []
+    for _ in range(count):
+        word = rng.choice(words)
+        chats.append({"messages": [
+            {"role": "system", "content": "Reverse the word."},
+            {"role": "user", "content": word},
+            {"role": "assistant", "content": word[::-1]},
+        ]})  # fmt: skip
+    return chats
+
+
+def test_qlora_on_another_architecture_and_dataset(tiny_gpt2, tmp_path):
+    data = write_jsonl(tmp_path / "reverse.jsonl", reverse_word_chats(320))
+    out = tmp_path / "gpt2-qlora"
+    train_ok("--model_id", str(tiny_gpt2), "--train_data", str(data), "--output_dir", str(out),
+             "--use_qlora", "true", "--learning_rate", "0.005", *FAST)  # fmt: skip
+    assert_loss_falls(out, 0.7)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "gpt2"
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    generate(out, "apple")
+
+
+def test_merge_adapters_false_keeps_only_the_adapter(tiny_llama, tmp_path):
+    out = tmp_path / "adapter-only"
+    fast = [*FAST]
+    fast[fast.index("--max_steps") + 1] = "5"
+    train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
+             "--use_lora", "true", "--merge_adapters", "false", *fast)  # fmt: skip
+    assert (out / "adapter_config.json").exists()
+    assert not (out / "config.json").exists()
+    assert (out / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": "d"}', "not json"], "train.jsonl:3: invalid JSON"),
+        ([], "train.jsonl: the file holds no records"),
+        (['{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}'],
+         "train.jsonl:1: messages[0].content must be a string"),
+        (None, "does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_data_stops_cleanly_before_the_output_dir(tiny_llama, tmp_path, lines, message):
+    data = tmp_path / "train.jsonl"
+    if lines is not None:
+        write_jsonl(data, lines)
+    out = tmp_path / "out"
+    result = run_train("--model_id", str(tiny_llama), "--train_data", str(data), "--output_dir", str(out))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in output
+    assert "Traceback" not in output
+    assert not out.exists()
+
+
+def test_unknown_model_id_is_a_clear_message(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
+    out = tmp_path / "out"
+    result = run_train("--model_id", str(tmp_path / "no-such-model"), "--train_data", str(data), "--output_dir", str(out))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "--model_id" in output and "no-such-model" in output
+    assert "Traceback" not in output
+    assert not out.exists()

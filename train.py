@@ -1,0 +1,219 @@
+"""Fine-tune a Hugging Face causal LM on JSONL data: full fine-tune, LoRA or QLoRA.
+
+Defaults come from train.args beside this file; flags on the command line override them.
+
+CPU smoke test with the embedded tiny model (what scripts/quickstart.sh runs):
+    python scripts/make_tiny_model.py --output_dir models/tiny-llama
+    accelerate launch --quiet --num_processes 1 train.py --model_id models/tiny-llama \
+        --train_data sample_data/chat.jsonl --output_dir outputs/quickstart --use_qlora true
+
+One GPU, QLoRA (scripts/single_gpu_qlora.sh):
+    accelerate launch --quiet --num_processes 1 train.py --model_id meta-llama/Llama-3.1-8B-Instruct \
+        --train_data data/train.jsonl --output_dir outputs/llama-qlora --use_qlora true --bf16 true
+
+Several GPUs on one machine, DDP (scripts/multi_gpu_ddp.sh):
+    accelerate launch --multi_gpu --num_processes 8 train.py --use_ddp true --model_id ... --train_data ...
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import transformers
+from accelerate import PartialState
+from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments
+
+from checkpoint_utils import OutputDirError, cleanup_output_dir, mark_output_dir, resolve_resume_checkpoint
+from data_utils import (
+    NO_EVAL_DATA,
+    DataArguments,
+    DataError,
+    build_collator,
+    load_raw_datasets,
+    prepare_datasets,
+    resolve_max_length,
+)
+from mlfoundry_utils import TrackingArguments, save_run_arguments
+from model_utils import (
+    LoraArguments,
+    ModelArguments,
+    ModelLoadError,
+    apply_memory_limit,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    model_max_positions,
+    parse_target_modules,
+    save_final_model,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ArgumentError(Exception):
+    """Incompatible or unsupported options; the message lists every problem found."""
+
+
+@dataclass
+class FinetuneTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments plus the TrueFoundry launcher's options, with defaults for fine-tuning."""
+
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Integrations to report to ('none' for none); TensorBoard by default."}
+    )
+    # Typed str (upstream's `str | bool` parses as bool only), so 'non_padding' can be passed and be the default.
+    include_num_input_tokens_seen: str = field(
+        default="non_padding",
+        metadata={
+            "help": "Count input tokens: 'non_padding' (default: the logged train_tokens_per_second counts real "
+            "tokens), 'all' or 'no'."
+        },
+    )
+    evaluation_strategy: str | None = field(
+        default=None, metadata={"help": "Old name of --eval_strategy (transformers < 5), accepted as an alias."}
+    )
+    cleanup_output_dir_on_start: bool = field(
+        default=False,
+        metadata={"help": "Delete --output_dir before training; only a directory this script created is ever deleted."},
+    )
+    use_ddp: bool = field(
+        default=False,
+        metadata={"help": "Set when launching several processes (accelerate launch --multi_gpu): one model copy per GPU."},
+    )
+    early_stopping_patience: int = field(
+        default=0, metadata={"help": "Stop after this many evaluations without eval-loss improvement. 0 disables it."}
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Smallest eval-loss improvement that resets the early-stopping patience."}
+    )
+
+    def __post_init__(self):
+        if self.deepspeed:
+            # Checked before TrainingArguments imports DeepSpeed, which is not a dependency yet.
+            raise ArgumentError("--deepspeed: DeepSpeed is not available in this version yet; drop the flag (DDP works).")
+        self.include_num_input_tokens_seen = {"true": "all", "false": "no"}.get(
+            self.include_num_input_tokens_seen.lower(), self.include_num_input_tokens_seen
+        )
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.use_ddp:
+            self.ddp_find_unused_parameters = False
+        if self.early_stopping_patience and self.metric_for_best_model is None:
+            self.metric_for_best_model = "eval_loss"
+        super().__post_init__()
+
+
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, LoraArguments, TrackingArguments, FinetuneTrainingArguments)
+
+
+def parse_args() -> tuple:
+    """Read train.args beside this script, then the command line (the last value of a flag wins)."""
+    parser = HfArgumentParser(ARGUMENT_GROUPS)
+    return parser.parse_args_into_dataclasses(look_for_args_file=True)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+
+def find_argument_problems(data_args, lora_args, tracking_args, training_args) -> list[str]:
+    problems = tracking_args.unsupported_options()
+    has_eval_data = data_args.eval_data != NO_EVAL_DATA or data_args.eval_size > 0
+    if training_args.eval_strategy != "no" and not has_eval_data:
+        problems.append("--eval_strategy needs evaluation data: pass --eval_data or an --eval_size > 0.")
+    if training_args.early_stopping_patience and training_args.eval_strategy == "no":
+        problems.append("--early_stopping_patience needs evaluation: set --eval_strategy steps or epoch.")
+    if data_args.eval_size < 0:
+        problems.append("--eval_size must be >= 0.")
+    if lora_args.use_peft:
+        try:
+            parse_target_modules(lora_args.lora_target_modules)
+        except ValueError as error:
+            problems.append(str(error))
+    return problems
+
+
+def validate_args(data_args, lora_args, tracking_args, training_args) -> None:
+    """Check every option combination before anything is loaded, and report all problems at once."""
+    problems = find_argument_problems(data_args, lora_args, tracking_args, training_args)
+    if problems:
+        raise ArgumentError("invalid options:\n  " + "\n  ".join(problems))
+    if data_args.eval_data == NO_EVAL_DATA and data_args.eval_size > 0 and training_args.eval_strategy == "no":
+        logger.warning(
+            "--eval_size %s holds records out of training but --eval_strategy is 'no': they are never used. "
+            "Set --eval_size 0 to train on them.",
+            data_args.eval_size,
+        )
+
+
+def prepare_output_dir(training_args: FinetuneTrainingArguments) -> str | None:
+    """Clean and mark the output dir on the main process; return the checkpoint to resume from, if any."""
+    state = PartialState()
+    if state.is_main_process:
+        if training_args.cleanup_output_dir_on_start:
+            cleanup_output_dir(training_args.output_dir)
+        mark_output_dir(training_args.output_dir)
+    state.wait_for_everyone()
+    return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+
+
+def build_trainer(model, tokenizer, training_args, data_args, train_dataset, eval_dataset, max_length) -> Trainer:
+    callbacks = []
+    if training_args.early_stopping_patience:
+        callbacks.append(
+            EarlyStoppingCallback(training_args.early_stopping_patience, training_args.early_stopping_threshold)
+        )
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=build_collator(data_args, tokenizer, max_length),
+        callbacks=callbacks,
+    )
+
+
+def main() -> None:
+    model_args, data_args, lora_args, tracking_args, training_args = parse_args()
+    setup_logging(training_args)
+    validate_args(data_args, lora_args, tracking_args, training_args)
+
+    # Load and validate the data: every record is checked before any model weight is loaded.
+    raw_train, raw_eval = load_raw_datasets(data_args, training_args.data_seed or training_args.seed)
+    model_config = load_model_config(model_args)
+    tokenizer = load_tokenizer(model_args)
+    max_length = resolve_max_length(data_args, tokenizer, model_max_positions(model_config))
+    with training_args.main_process_first(desc="tokenizing"):
+        train_dataset, eval_dataset = prepare_datasets(data_args, tokenizer, raw_train, raw_eval, max_length)
+
+    # Build the model
+    resume_checkpoint = prepare_output_dir(training_args)
+    apply_memory_limit(training_args)
+    model = load_model(model_args, lora_args, training_args, tokenizer)
+
+    # Train
+    trainer = build_trainer(model, tokenizer, training_args, data_args, train_dataset, eval_dataset, max_length)
+    trainer.train(resume_from_checkpoint=resume_checkpoint)
+
+    # Save
+    output_dir = save_final_model(trainer, model_args, lora_args, tokenizer)
+    if trainer.is_world_process_zero():
+        save_run_arguments(output_dir, model_args, data_args, lora_args, tracking_args, training_args)
+    logger.info("Fine-tuned model saved in %s.", output_dir)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ArgumentError, DataError, ModelLoadError, OutputDirError) as error:
+        logger.error("%s", error)
+        sys.exit(2)
