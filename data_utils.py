@@ -33,7 +33,9 @@ class DataArguments:
     )
     eval_data: str = field(
         default=NO_EVAL_DATA,
-        metadata={"help": "Evaluation data in the same form as --train_data. 'NA' splits --eval_size off the train data."},
+        metadata={
+            "help": "Evaluation data in the same form as --train_data. 'NA' splits --eval_size off the train data."
+        },
     )
     eval_size: float = field(
         default=0.1,
@@ -62,7 +64,9 @@ class DataArguments:
     )
     pad_to_max_length: bool = field(
         default=False,
-        metadata={"help": "Pad every batch to --max_length (static shapes). By default batches pad to their longest sample."},
+        metadata={
+            "help": "Pad every batch to --max_length (static shapes). By default batches pad to their longest sample."
+        },
     )
     pad_to_multiple_of: int | None = field(
         default=8, metadata={"help": "Round padded batch lengths up to a multiple of this (8 suits GPU tensor cores)."}
@@ -222,7 +226,9 @@ def assistant_turn_segments(turn: str, content: str, tokenizer: PreTrainedTokeni
     rendered = content if content in turn else content.strip()
     start = turn.find(rendered) if rendered else 0
     if start < 0:
-        raise DataError("the chat template rewrites assistant content, so its tokens cannot be located for the loss mask.")
+        raise DataError(
+            "the chat template rewrites assistant content, so its tokens cannot be located for the loss mask."
+        )
     end = start + len(rendered)
     end_of_turn = first_special_token(turn[end:], tokenizer)
     if end_of_turn is None:
@@ -252,7 +258,7 @@ def tokenize_segments(
     segments: list[tuple[str, bool]], token_ids: list[list[int]], train_on_prompt: bool
 ) -> tuple[list[int], list[int]]:
     input_ids, labels = [], []
-    for (_, trained), ids in zip(segments, token_ids):
+    for (_, trained), ids in zip(segments, token_ids, strict=True):
         input_ids.extend(ids)
         labels.extend(ids if trained or train_on_prompt else [IGNORE_INDEX] * len(ids))
     return input_ids, labels
@@ -261,7 +267,7 @@ def tokenize_segments(
 def tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool) -> dict:
     """Render every record into segments, tokenize all segments of the batch in one call, then reassemble."""
     all_segments, bos = [], bos_prefix(tokenizer)
-    for prompt, completion, messages in zip(batch["prompt"], batch["completion"], batch["messages"]):
+    for prompt, completion, messages in zip(batch["prompt"], batch["completion"], batch["messages"], strict=True):
         if messages is not None:
             all_segments.append(chat_segments(messages, tokenizer))
         else:
@@ -333,7 +339,13 @@ def log_length_summary(dataset: Dataset, split: str) -> None:
     trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"])
     logger.info(
         "%s: %d samples, tokens p50 %d / p90 %d / max %d, %d of %d tokens trained.",
-        split, len(lengths), np.percentile(lengths, 50), np.percentile(lengths, 90), lengths.max(), trained, lengths.sum(),
+        split,
+        len(lengths),
+        np.percentile(lengths, 50),
+        np.percentile(lengths, 90),
+        lengths.max(),
+        trained,
+        lengths.sum(),
     )
 
 
@@ -364,7 +376,9 @@ def prepare_datasets(
             continue
         dataset = apply_length_policy(tokenize_dataset(raw, tokenizer, args), args, max_length, split)
         log_length_summary(dataset, split)
-        prepared.append(dataset.remove_columns("source").map(lambda row: {"attention_mask": [1] * len(row["input_ids"])}))
+        prepared.append(
+            dataset.remove_columns("source").map(lambda row: {"attention_mask": [1] * len(row["input_ids"])})
+        )
     return prepared[0], prepared[1]
 
 

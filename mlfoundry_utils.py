@@ -21,7 +21,8 @@ class TrackingArguments:
         default=None, metadata={"help": "Run name in the ML repo. Default: TFY_INTERNAL_JOB_RUN_NAME or a timestamp."}
     )
     mlfoundry_checkpoint_artifact_name: str | None = field(
-        default=None, metadata={"help": "Artifact that checkpoints are uploaded to. Default: derived from the run name."}
+        default=None,
+        metadata={"help": "Artifact that checkpoints are uploaded to. Default: derived from the run name."},
     )
     mlfoundry_log_checkpoints: bool = field(
         default=True, metadata={"help": "Upload every saved checkpoint to the ML repo (with reporting enabled)."}

@@ -34,7 +34,9 @@ class ModelArguments:
     model_id: str = field(metadata={"help": "Hugging Face Hub id or local directory of the causal LM to fine-tune."})
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Run Python code shipped with the model repo. Off by default: enable only for repos you trust."},
+        metadata={
+            "help": "Run Python code shipped with the model repo. Off by default: enable only for repos you trust."
+        },
     )
     use_flash_attention: bool = field(
         default=False,
@@ -104,7 +106,9 @@ def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_id, **hub_kwargs(model_args))
     if tokenizer.eos_token is None:
-        raise ModelLoadError(f"the tokenizer of {model_args.model_id!r} has no EOS token; the model could not learn to stop.")
+        raise ModelLoadError(
+            f"the tokenizer of {model_args.model_id!r} has no EOS token; the model could not learn to stop."
+        )
     if tokenizer.pad_token is None:
         # A dedicated pad token keeps EOS trainable: padding with EOS would mask the real EOS labels.
         tokenizer.add_special_tokens({"pad_token": DEFAULT_PAD_TOKEN})
@@ -155,10 +159,13 @@ def attention_implementation(model_args: ModelArguments) -> str:
     return "sdpa"
 
 
-def device_map(training_args: TrainingArguments) -> dict | None:
-    """Each process keeps a whole model copy on its own GPU; on CPU the Trainer places the model."""
+def device_map(training_args: TrainingArguments) -> dict | str | None:
+    """One process on several GPUs spreads the layers over them ('auto'), so bigger models fit; under DDP each
+    process keeps a whole copy on its own GPU. On CPU the Trainer places the model."""
     if not torch.cuda.is_available():
         return None
+    if training_args.world_size == 1 and torch.cuda.device_count() > 1:
+        return "auto"
     return {"": training_args.local_process_index}
 
 

@@ -79,7 +79,9 @@ class FinetuneTrainingArguments(TrainingArguments):
     )
     use_ddp: bool = field(
         default=False,
-        metadata={"help": "Set when launching several processes (accelerate launch --multi_gpu): one model copy per GPU."},
+        metadata={
+            "help": "Set when launching several processes (accelerate launch --multi_gpu): one model copy per GPU."
+        },
     )
     early_stopping_patience: int = field(
         default=0, metadata={"help": "Stop after this many evaluations without eval-loss improvement. 0 disables it."}
@@ -91,7 +93,9 @@ class FinetuneTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.deepspeed:
             # Checked before TrainingArguments imports DeepSpeed, which is not a dependency yet.
-            raise ArgumentError("--deepspeed: DeepSpeed is not available in this version yet; drop the flag (DDP works).")
+            raise ArgumentError(
+                "--deepspeed: DeepSpeed is not available in this version yet; drop the flag (DDP works)."
+            )
         self.include_num_input_tokens_seen = {"true": "all", "false": "no"}.get(
             self.include_num_input_tokens_seen.lower(), self.include_num_input_tokens_seen
         )
@@ -131,6 +135,11 @@ def find_argument_problems(data_args, lora_args, tracking_args, training_args) -
         problems.append("--eval_strategy needs evaluation data: pass --eval_data or an --eval_size > 0.")
     if training_args.early_stopping_patience and training_args.eval_strategy == "no":
         problems.append("--early_stopping_patience needs evaluation: set --eval_strategy steps or epoch.")
+    if training_args.cleanup_output_dir_on_start and (training_args.resume_from_checkpoint or "").lower() == "true":
+        problems.append(
+            "--cleanup_output_dir_on_start true would delete the checkpoints that --resume_from_checkpoint true "
+            "resumes from; set one of them to false."
+        )
     if data_args.eval_size < 0:
         problems.append("--eval_size must be >= 0.")
     if lora_args.use_peft:

@@ -1,6 +1,6 @@
 """Summarize a finished run: loss before and after training, and one generation from the saved model.
 
-    python scripts/show_run.py outputs/quickstart --prompt "What is 12 + 30?"
+python scripts/show_run.py outputs/quickstart --prompt "What is 12 + 30?"
 """
 
 import argparse

@@ -26,7 +26,7 @@ TRUEFOUNDRY_LAUNCHER_FLAGS = """
 def parse(monkeypatch, *args):
     """Parse as `python train.py ARGS` does, so train.args beside train.py is read."""
     monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
-    return dict(zip(("model", "data", "lora", "tracking", "training"), train.parse_args()))
+    return dict(zip(("model", "data", "lora", "tracking", "training"), train.parse_args(), strict=True))
 
 
 def test_train_args_supplies_defaults(monkeypatch):
@@ -76,6 +76,7 @@ def test_valid_defaults_have_no_problems(monkeypatch):
         (["--eval_size", "0"], "--eval_strategy needs evaluation data"),
         (["--eval_strategy", "no", "--early_stopping_patience", "2"], "--early_stopping_patience needs evaluation"),
         (["--use_lora", "true", "--lora_target_modules", "q_proj"], "--lora_target_modules must be 'auto' or a JSON"),
+        (["--cleanup_output_dir_on_start", "true", "--resume_from_checkpoint", "true"], "would delete the checkpoints"),
     ],
 )
 def test_unsupported_or_incompatible_options_are_refused(monkeypatch, flags, problem):

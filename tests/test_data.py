@@ -26,12 +26,15 @@ def tokenizer(request):
 
 def prepare(tokenizer, tmp_path, records, **options):
     args = DataArguments(train_data=str(write_jsonl(tmp_path / "train.jsonl", records)), eval_size=0, **options)
-    train, _ = prepare_datasets(args, tokenizer, Dataset.from_list(read_records(args.train_data, "--train_data")), None, 512)
+    train, _ = prepare_datasets(
+        args, tokenizer, Dataset.from_list(read_records(args.train_data, "--train_data")), None, 512
+    )
     return train
 
 
 def trained_text(tokenizer, sample) -> str:
-    return tokenizer.decode([t for t, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX])
+    pairs = zip(sample["input_ids"], sample["labels"], strict=True)
+    return tokenizer.decode([token for token, label in pairs if label != IGNORE_INDEX])
 
 
 def test_chat_labels_are_exactly_the_assistant_turns(tokenizer, tmp_path):
@@ -54,7 +57,8 @@ def test_prompt_completion_labels_are_the_completion_and_eos(tokenizer, tmp_path
 
 @pytest.mark.parametrize("record", [CHAT, PROMPT_COMPLETION])
 def test_train_on_prompt_labels_every_token_but_padding(tokenizer, tmp_path, record):
-    dataset = prepare(tokenizer, tmp_path, [record, PROMPT_COMPLETION], train_on_prompt=True)
+    longer = {"prompt": "Q: " + " + ".join(["1"] * 30) + "\nA:", "completion": " 30"}
+    dataset = prepare(tokenizer, tmp_path, [record, longer], train_on_prompt=True)
     assert all(row["labels"] == row["input_ids"] for row in dataset)
     args = DataArguments(train_data="unused", pad_to_multiple_of=None)
     batch = build_collator(args, tokenizer, 512)([dict(row) for row in dataset])
@@ -86,7 +90,10 @@ def test_truncate_keeps_labels_aligned_and_drop_counts(tokenizer, tmp_path):
         (['{"text": "hello"}'], r"train\.jsonl:1: unknown record shape"),
         (['{"prompt": "a", "completion": 3}'], r"train\.jsonl:1: 'completion' must be a string"),
         (['{"messages": [{"role": "user", "content": ["x"]}]}'], r"train\.jsonl:1: messages\[0\]\.content must be"),
-        (['{"messages": [{"role": "user", "content": "x"}]}'], r"train\.jsonl:1: the chat does not end with an assistant"),
+        (
+            ['{"messages": [{"role": "user", "content": "x"}]}'],
+            r"train\.jsonl:1: the chat does not end with an assistant",
+        ),
         (['{"messages": [{"role": "robot", "content": "x"}]}'], r"train\.jsonl:1: messages\[0\] has role 'robot'"),
         (["", "[1, 2]"], r"train\.jsonl:2: expected a JSON object"),
         ([], r"train\.jsonl: the file holds no records"),
@@ -117,5 +124,11 @@ def test_directory_of_jsonl_files_and_max_num_samples(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [PROMPT_COMPLETION] * 3)
     write_jsonl(tmp_path / "a.jsonl", [CHAT] * 2)
     records = read_records(str(tmp_path), "--train_data")
-    assert [r["source"].rsplit("/", 1)[1] for r in records] == ["a.jsonl:1", "a.jsonl:2", "b.jsonl:1", "b.jsonl:2", "b.jsonl:3"]
+    assert [r["source"].rsplit("/", 1)[1] for r in records] == [
+        "a.jsonl:1",
+        "a.jsonl:2",
+        "b.jsonl:1",
+        "b.jsonl:2",
+        "b.jsonl:3",
+    ]
     assert len(read_records(str(tmp_path), "--train_data", limit=3)) == 3

@@ -1,20 +1,20 @@
 """Model building: LoRA target detection, pad token handling, memory limit parsing, output-dir safety."""
 
 import pytest
+from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from checkpoint_utils import OUTPUT_DIR_MARKER, OutputDirError, cleanup_output_dir
 from model_utils import (
     LoraArguments,
     ModelArguments,
+    load_tokenizer,
     lora_config,
     lora_target_names,
-    load_tokenizer,
     parse_memory_limit,
     parse_target_modules,
     resize_embeddings_for_tokenizer,
 )
-from peft import get_peft_model
 
 
 def auto_targets(model_dir) -> set[str]:

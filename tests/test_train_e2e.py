@@ -47,7 +47,7 @@ def test_full_finetune(tiny_llama, tmp_path):
     out = tmp_path / "full"
     train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
              "--learning_rate", "0.003", *FAST)  # fmt: skip
-    assert_loss_falls(out, 0.5)
+    assert_loss_falls(out, 0.6)
     generate(out)
     saved_args = json.loads((out / "run_args.json").read_text())
     assert saved_args["learning_rate"] == 0.003 and saved_args["model_id"] == str(tiny_llama)
@@ -66,7 +66,8 @@ def test_lora_merged_model_matches_base_plus_adapter(tiny_llama, tmp_path):
     adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
-        assert (merged(ids).logits - base.get_base_model()(ids).logits).abs().max() > 1e-3
+        with adapted.disable_adapter():
+            assert (merged(ids).logits - adapted(ids).logits).abs().max() > 1e-2  # training changed the model
     generate(out)
 
 
@@ -125,7 +126,8 @@ def test_merge_adapters_false_keeps_only_the_adapter(tiny_llama, tmp_path):
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
-        (['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": "d"}', "not json"], "train.jsonl:3: invalid JSON"),
+        (['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": "d"}', "not json"],
+         "train.jsonl:3: invalid JSON"),
         ([], "train.jsonl: the file holds no records"),
         (['{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}'],
          "train.jsonl:1: messages[0].content must be a string"),
@@ -148,7 +150,9 @@ def test_bad_data_stops_cleanly_before_the_output_dir(tiny_llama, tmp_path, line
 def test_unknown_model_id_is_a_clear_message(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
     out = tmp_path / "out"
-    result = run_train("--model_id", str(tmp_path / "no-such-model"), "--train_data", str(data), "--output_dir", str(out))
+    result = run_train(
+        "--model_id", str(tmp_path / "no-such-model"), "--train_data", str(data), "--output_dir", str(out)
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "--model_id" in output and "no-such-model" in output
