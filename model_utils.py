@@ -286,6 +286,8 @@ def save_final_model(
     """
     output_dir = Path(trainer.args.output_dir)
     merge = lora_args.use_peft and lora_args.merge_adapters
+    # The Trainer turns the KV cache off for training; the saved model should generate with it.
+    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
     trainer.save_model(str(output_dir / ADAPTER_SUBDIR if merge else output_dir))
     trainer.save_state()
     if trainer.is_world_process_zero():

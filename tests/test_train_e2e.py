@@ -53,6 +53,7 @@ def test_full_finetune(tiny_llama, tmp_path):
     assert saved_args["learning_rate"] == 0.003 and saved_args["model_id"] == str(tiny_llama)
     assert (out / OUTPUT_DIR_MARKER).exists()
     assert list(out.glob("*.safetensors"))
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
 
 
 def test_lora_merged_model_matches_base_plus_adapter(tiny_llama, tmp_path):
