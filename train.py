@@ -101,7 +101,8 @@ class FinetuneTrainingArguments(TrainingArguments):
         )
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
-        if self.use_ddp:
+        if self.use_ddp and self.ddp_find_unused_parameters is None:
+            # Every parameter that trains gets a gradient each step; skipping the search saves a graph traversal.
             self.ddp_find_unused_parameters = False
         if self.early_stopping_patience and self.metric_for_best_model is None:
             self.metric_for_best_model = "eval_loss"
