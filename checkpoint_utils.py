@@ -1,47 +1,230 @@
-"""Output directory safety and checkpoint resolution."""
+"""Checkpoints that survive preemption: completion markers, resume resolution, SIGTERM handling, output-dir safety,
+and the loss watchdog.
 
+A checkpoint counts only once `checkpoint_complete.json` is in it. The Trainer writes `checkpoint-N/` in place, so a
+process killed mid-save leaves a directory that looks like a checkpoint; the marker, written after every file of the
+checkpoint is fsynced, is what tells the two apart.
+"""
+
+import json
 import logging
+import math
+import os
+import re
 import shutil
+import signal
 from pathlib import Path
 
-from transformers.trainer_utils import get_last_checkpoint
+import torch
+from accelerate import PartialState
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 logger = logging.getLogger(__name__)
 
 # Written into every output dir this script creates; --cleanup_output_dir_on_start deletes only such dirs.
 OUTPUT_DIR_MARKER = ".finetune_output_dir"
+COMPLETE_MARKER = "checkpoint_complete.json"
+REPO_ROOT = Path(__file__).resolve().parent
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# 128 + signal number, the shell's convention for "terminated by this signal".
+PREEMPTED_EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+WATCHDOG_EXIT_CODE = 3
 
 
 class OutputDirError(Exception):
     """The output directory cannot be used as asked; the message says why and what to do."""
 
 
+# Checkpoint completeness
+
+
+def checkpoint_dirs(output_dir: str) -> list[Path]:
+    """Every checkpoint-N directory, oldest first."""
+    path = Path(output_dir)
+    if not path.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in path.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE_MARKER).is_file()
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_checkpoint_complete(checkpoint: Path, global_step: int) -> None:
+    """Flush every file of the checkpoint to disk, then atomically add the completion marker."""
+    for root, _, files in os.walk(checkpoint):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
+    temporary = checkpoint / f".{COMPLETE_MARKER}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump({"global_step": global_step}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, checkpoint / COMPLETE_MARKER)
+    fsync_path(checkpoint)
+
+
+def remove_incomplete_checkpoints(output_dir: str) -> None:
+    for checkpoint in checkpoint_dirs(output_dir):
+        if not is_complete(checkpoint):
+            logger.warning(
+                "Removing incomplete checkpoint %s (no %s: the save was interrupted).", checkpoint, COMPLETE_MARKER
+            )
+            shutil.rmtree(checkpoint)
+
+
+def remove_intermediate_checkpoints(output_dir: str) -> None:
+    for checkpoint in checkpoint_dirs(output_dir):
+        shutil.rmtree(checkpoint)
+    logger.info("Removed the intermediate checkpoints (--keep_checkpoints false).")
+
+
 def resolve_resume_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """--resume_from_checkpoint: 'true' (newest checkpoint in --output_dir, if any), 'false'/unset, or a path."""
+    """--resume_from_checkpoint: 'true' (the newest complete checkpoint, if any), 'false'/unset, or a path."""
     if value is None or value.lower() in ("false", ""):
         return None
     if value.lower() == "true":
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
-            logger.info("--resume_from_checkpoint true: no checkpoint in %s, starting fresh.", output_dir)
-        else:
-            logger.info("Resuming from %s.", last)
-        return last
+        complete = [c for c in checkpoint_dirs(output_dir) if is_complete(c)]
+        if not complete:
+            logger.info("--resume_from_checkpoint true: no complete checkpoint in %s, starting fresh.", output_dir)
+            return None
+        logger.info("Resuming from %s.", complete[-1])
+        return str(complete[-1])
     if not Path(value).is_dir():
         raise OutputDirError(f"--resume_from_checkpoint {value}: no such checkpoint directory.")
+    if not is_complete(Path(value)):
+        raise OutputDirError(f"--resume_from_checkpoint {value}: the checkpoint is incomplete (no {COMPLETE_MARKER}).")
     return value
+
+
+class CheckpointCompletionCallback(TrainerCallback):
+    """Marks each checkpoint complete once every rank has finished writing it, then keeps the newest
+    `save_total_limit` (and the best one), so a complete checkpoint exists at every moment."""
+
+    def __init__(self, save_total_limit: int | None):
+        self.save_total_limit = save_total_limit
+
+    def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            mark_checkpoint_complete(checkpoint, state.global_step)
+            rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
+
+
+# Preemption
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM or SIGINT: finish the current optimizer step, save a complete checkpoint, stop training.
+
+    The handler only records the signal, so a second signal during the save cannot interrupt it.
+    """
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self.checkpoint: Path | None = None
+        self._previous_handlers = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for signum in PREEMPTED_EXIT_CODES:
+            self._previous_handlers[signum] = signal.signal(signum, self._record_signal)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+
+    def _record_signal(self, signum, frame):
+        if self.received is None:
+            logger.warning("Received %s: saving a checkpoint after the current step.", signal.Signals(signum).name)
+            self.received = signal.Signals(signum)
+
+    def _any_rank_received(self, args) -> bool:
+        """Every rank must stop at the same step, or the collective save would hang."""
+        if args.world_size == 1:
+            return self.received is not None
+        flag = torch.tensor([float(self.received is not None)], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_rank_received(args):
+            if self.received is None:
+                self.received = signal.SIGTERM
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+    @property
+    def exit_code(self) -> int:
+        return PREEMPTED_EXIT_CODES[self.received]
+
+
+# Loss watchdog
+
+
+class LossWatchdogCallback(TrainerCallback):
+    """Stops training on a NaN/inf loss, or a loss above a threshold for `patience` consecutive logging steps.
+
+    The bad step is not saved, so the newest checkpoint is the last good one.
+    """
+
+    def __init__(self, threshold: float | None, patience: int):
+        self.threshold, self.patience = threshold, patience
+        self.strikes = 0
+        self.reason: str | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss):
+            self.reason = f"the training loss is {loss} at step {state.global_step}"
+        elif self.threshold is not None and loss > self.threshold:
+            self.strikes += 1
+            if self.strikes >= self.patience:
+                self.reason = (
+                    f"the training loss stayed above --loss_watchdog_threshold {self.threshold} for {self.strikes} "
+                    f"logging steps (last: {loss:.4f} at step {state.global_step})"
+                )
+        else:
+            self.strikes = 0
+        if self.reason:
+            control.should_save = False
+            control.should_training_stop = True
+
+
+# Output directory safety
 
 
 def refusal_to_delete(path: Path) -> str | None:
     """Why --cleanup_output_dir_on_start must not delete `path`, or None when it is safe."""
     resolved = path.resolve()
-    protected = {Path("/"), Path.home().resolve(), Path(__file__).resolve().parent}
-    if resolved in protected:
-        return f"{path} is the filesystem root, the home directory or the repository"
+    if resolved == Path("/"):
+        return f"{path} is the filesystem root"
+    if resolved == Path.home().resolve():
+        return f"{path} is the home directory"
+    if resolved == REPO_ROOT or resolved in REPO_ROOT.parents:
+        return f"{path} is the repository root or one of its parents"
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         return f"{path} is the current directory or one of its parents"
     if resolved.is_dir() and any(resolved.iterdir()) and not (resolved / OUTPUT_DIR_MARKER).exists():
         return f"{path} is not empty and was not created by this script (no {OUTPUT_DIR_MARKER} marker)"
+    if resolved.exists() and not resolved.is_dir():
+        return f"{path} is a file, not an output directory"
     return None
 
 

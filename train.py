@@ -15,6 +15,7 @@ Several GPUs on one machine, DDP (scripts/multi_gpu_ddp.sh):
     accelerate launch --multi_gpu --num_processes 8 train.py --use_ddp true --model_id ... --train_data ...
 """
 
+import copy
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -22,9 +23,20 @@ from dataclasses import dataclass, field
 import datasets
 import transformers
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from checkpoint_utils import OutputDirError, cleanup_output_dir, mark_output_dir, resolve_resume_checkpoint
+from checkpoint_utils import (
+    WATCHDOG_EXIT_CODE,
+    CheckpointCompletionCallback,
+    LossWatchdogCallback,
+    OutputDirError,
+    PreemptionCallback,
+    cleanup_output_dir,
+    mark_output_dir,
+    remove_incomplete_checkpoints,
+    remove_intermediate_checkpoints,
+    resolve_resume_checkpoint,
+)
 from data_utils import (
     NO_EVAL_DATA,
     DataArguments,
@@ -53,6 +65,14 @@ logger = logging.getLogger(__name__)
 
 class ArgumentError(Exception):
     """Incompatible or unsupported options; the message lists every problem found."""
+
+
+class TrainingStopped(Exception):
+    """Training ended early (preemption or the loss watchdog); carries the process exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -88,6 +108,29 @@ class FinetuneTrainingArguments(TrainingArguments):
     )
     early_stopping_threshold: float = field(
         default=0.0, metadata={"help": "Smallest eval-loss improvement that resets the early-stopping patience."}
+    )
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the intermediate checkpoints after a successful run (by default only the model stays)."
+        },
+    )
+    loss_watchdog_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop when the logged training loss stays above this for --loss_watchdog_patience logging steps. "
+            "A NaN/inf loss always stops training."
+        },
+    )
+    loss_watchdog_patience: int = field(
+        default=3, metadata={"help": "Consecutive logging steps above --loss_watchdog_threshold that stop training."}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace NaN/inf step losses by the running mean in the logs. Off by default so the loss "
+            "watchdog sees a diverging run."
+        },
     )
 
     def __post_init__(self):
@@ -171,25 +214,47 @@ def prepare_output_dir(training_args: FinetuneTrainingArguments) -> str | None:
         if training_args.cleanup_output_dir_on_start:
             cleanup_output_dir(training_args.output_dir)
         mark_output_dir(training_args.output_dir)
+        remove_incomplete_checkpoints(training_args.output_dir)
     state.wait_for_everyone()
     return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
 
-def build_trainer(model, tokenizer, training_args, data_args, train_dataset, eval_dataset, max_length) -> Trainer:
-    callbacks = []
+def build_trainer(
+    model, tokenizer, training_args, data_args, train_dataset, eval_dataset, max_length, callbacks
+) -> Trainer:
+    # The Trainer deletes old checkpoints before the callback marks the new one complete; a kill in between could
+    # leave none complete. So the Trainer gets no --save_total_limit and the callback rotates after marking.
+    callbacks = [CheckpointCompletionCallback(training_args.save_total_limit), *callbacks]
+    trainer_args = copy.copy(training_args)
+    trainer_args.save_total_limit = None
     if training_args.early_stopping_patience:
         callbacks.append(
             EarlyStoppingCallback(training_args.early_stopping_patience, training_args.early_stopping_threshold)
         )
     return Trainer(
         model=model,
-        args=training_args,
+        args=trainer_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=build_collator(data_args, tokenizer, max_length),
         callbacks=callbacks,
     )
+
+
+def raise_if_stopped_early(preemption: PreemptionCallback, watchdog: LossWatchdogCallback) -> None:
+    if preemption.received:
+        raise TrainingStopped(
+            f"Preempted by {preemption.received.name}: the complete checkpoint {preemption.checkpoint} holds the "
+            "run. Rerun the same command with --resume_from_checkpoint true to continue.",
+            preemption.exit_code,
+        )
+    if watchdog.reason:
+        raise TrainingStopped(
+            f"Loss watchdog stopped training: {watchdog.reason}. No model was saved; the newest checkpoint (if any) "
+            "is the last good state. Lower --learning_rate or check the data, then resume or restart.",
+            WATCHDOG_EXIT_CODE,
+        )
 
 
 def main() -> None:
@@ -208,16 +273,24 @@ def main() -> None:
     # Build the model
     resume_checkpoint = prepare_output_dir(training_args)
     apply_memory_limit(training_args)
+    set_seed(training_args.seed)  # the LoRA matrices and any new embedding rows are drawn from it
     model = load_model(model_args, lora_args, training_args, tokenizer)
 
     # Train
-    trainer = build_trainer(model, tokenizer, training_args, data_args, train_dataset, eval_dataset, max_length)
+    preemption = PreemptionCallback()
+    watchdog = LossWatchdogCallback(training_args.loss_watchdog_threshold, training_args.loss_watchdog_patience)
+    trainer = build_trainer(
+        model, tokenizer, training_args, data_args, train_dataset, eval_dataset, max_length, [preemption, watchdog]
+    )
     trainer.train(resume_from_checkpoint=resume_checkpoint)
+    raise_if_stopped_early(preemption, watchdog)
 
     # Save
     output_dir = save_final_model(trainer, model_args, lora_args, tokenizer)
     if trainer.is_world_process_zero():
         save_run_arguments(output_dir, model_args, data_args, lora_args, tracking_args, training_args)
+        if not training_args.keep_checkpoints:
+            remove_intermediate_checkpoints(output_dir)
     logger.info("Fine-tuned model saved in %s.", output_dir)
 
 
@@ -227,3 +300,6 @@ if __name__ == "__main__":
     except (ArgumentError, DataError, ModelLoadError, OutputDirError) as error:
         logger.error("%s", error)
         sys.exit(2)
+    except TrainingStopped as stop:
+        logger.error("%s", stop)
+        sys.exit(stop.exit_code)

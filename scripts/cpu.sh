@@ -12,8 +12,9 @@ BATCH_SIZE=8
 LEARNING_RATE=0.005
 EPOCHS=1
 
-accelerate launch --quiet --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  train.py \
+# One process: run train.py directly (exec), so that a preemption's SIGTERM reaches the trainer, which then
+# saves a checkpoint. `accelerate launch` with one process does not forward signals to its child.
+exec python train.py \
   --model_id "$MODEL_ID" \
   --train_data "$TRAIN_DATA" \
   --eval_data "$EVAL_DATA" \

@@ -14,7 +14,11 @@ GRADIENT_ACCUMULATION_STEPS=1
 LEARNING_RATE=0.0002
 EPOCHS=3
 
-accelerate launch --multi_gpu --num_processes "$NUM_GPUS" --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
+# On SIGTERM the launcher passes the signal to every rank, which save a checkpoint together; give them this
+# many seconds before they are killed (torch's default is 30, too short to save a large model).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+
+exec accelerate launch --multi_gpu --num_processes "$NUM_GPUS" --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
   train.py \
   --use_ddp true \
   --model_id "$MODEL_ID" \

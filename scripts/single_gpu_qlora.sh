@@ -13,8 +13,9 @@ GRADIENT_ACCUMULATION_STEPS=4
 LEARNING_RATE=0.0002
 EPOCHS=3
 
-accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
-  train.py \
+# One process: run train.py directly (exec), so that a preemption's SIGTERM reaches the trainer, which then
+# saves a checkpoint. `accelerate launch` with one process does not forward signals to its child.
+exec python train.py \
   --model_id "$MODEL_ID" \
   --train_data "$TRAIN_DATA" \
   --eval_data "$EVAL_DATA" \

@@ -13,12 +13,18 @@ LAUNCHERS = ["single_gpu_qlora.sh", "single_gpu_full.sh", "multi_gpu_ddp.sh", "c
 
 
 def launcher_train_args(script: str, tmp_path) -> list[str]:
-    """Run the launcher with `accelerate` replaced by a shell function that records its arguments."""
-    record = tmp_path / "args"
-    fake = f'accelerate() {{ printf "%s\\0" "$@" > "{record}"; }}; export -f accelerate; bash "$0"'
-    subprocess.run(["bash", "-c", fake, str(REPO / "scripts" / script)], check=True, env=os.environ.copy())
+    """Run the launcher with `accelerate` and `python` replaced by stubs that record their arguments."""
+    record, bin_dir = tmp_path / "args", tmp_path / "bin"
+    bin_dir.mkdir()
+    for command in ("accelerate", "python"):
+        stub = bin_dir / command
+        stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" {command} "$@" > "{record}"\n')
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", str(REPO / "scripts" / script)], check=True, env=env)
     args = record.read_text().split("\0")[:-1]
-    assert args[0] == "launch", args
+    # A single process runs train.py directly: `accelerate launch` forwards SIGTERM only with several processes.
+    assert args[:2] == ["python", "train.py"] or args[:3] == ["accelerate", "launch", "--multi_gpu"], args
     return args[args.index("train.py") + 1 :]
 
 

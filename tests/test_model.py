@@ -1,10 +1,9 @@
-"""Model building: LoRA target detection, pad token handling, memory limit parsing, output-dir safety."""
+"""Model building: LoRA target detection, pad token handling, memory limit parsing."""
 
 import pytest
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from checkpoint_utils import OUTPUT_DIR_MARKER, OutputDirError, cleanup_output_dir
 from model_utils import (
     LoraArguments,
     ModelArguments,
@@ -54,22 +53,3 @@ def test_memory_limit_is_a_fraction_or_mib(value, limit):
 def test_bad_memory_limit_is_refused(value):
     with pytest.raises(ValueError, match="TORCH_PER_PROCESS_MEMORY_LIMIT"):
         parse_memory_limit(value)
-
-
-def test_cleanup_deletes_only_marked_output_dirs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "data.txt").write_text("keep me")
-    with pytest.raises(OutputDirError, match="not created by this script"):
-        cleanup_output_dir(str(foreign))
-    assert (foreign / "data.txt").exists()
-    for protected in ("/", str(tmp_path), "."):
-        with pytest.raises(OutputDirError, match="Nothing was deleted"):
-            cleanup_output_dir(protected)
-    ours = tmp_path / "ours"
-    ours.mkdir()
-    (ours / OUTPUT_DIR_MARKER).touch()
-    (ours / "checkpoint-1").mkdir()
-    cleanup_output_dir(str(ours))
-    assert not ours.exists()
