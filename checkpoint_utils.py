@@ -146,9 +146,12 @@ class PreemptionCallback(TrainerCallback):
             signal.signal(signum, handler)
 
     def _record_signal(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.received is None:
-            logger.warning("Received %s: saving a checkpoint after the current step.", signal.Signals(signum).name)
+            logger.warning("Received %s: saving a checkpoint after the current step.", name)
             self.received = signal.Signals(signum)
+        else:
+            logger.warning("Received %s again: ignored, the checkpoint is being saved.", name)
 
     def _any_rank_received(self, args) -> bool:
         """Every rank must stop at the same step, or the collective save would hang."""

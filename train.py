@@ -17,6 +17,7 @@ Several GPUs on one machine, DDP (scripts/multi_gpu_ddp.sh):
 
 import copy
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -186,6 +187,17 @@ def find_argument_problems(data_args, lora_args, tracking_args, training_args) -
         )
     if data_args.eval_size < 0:
         problems.append("--eval_size must be >= 0.")
+    if training_args.enable_jit_checkpoint:
+        problems.append(
+            "--enable_jit_checkpoint: this script handles SIGTERM itself (a complete checkpoint after the current "
+            "step, exit code 143); drop the flag."
+        )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        problems.append(
+            f"{launched} processes were launched, but without a GPU each would train its own unsynchronised copy "
+            "of the model. Add --use_cpu true to train them together on CPU (gloo)."
+        )
     if lora_args.use_peft:
         try:
             parse_target_modules(lora_args.lora_target_modules)

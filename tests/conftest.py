@@ -11,10 +11,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-LAUNCH = [
-    sys.executable, "-m", "accelerate.commands.launch", "--quiet",
-    "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-]  # fmt: skip
+
+def launch_command(num_processes: int = 1) -> list[str]:
+    """`accelerate launch` for one process, or DDP over `num_processes` CPU processes (gloo)."""
+    processes = (
+        ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]
+    )
+    return [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *processes, "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py")]  # fmt: skip
 
 
 def build_tiny_model(output_dir: Path, *flags: str) -> Path:
@@ -46,16 +50,11 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_train(*args: str, num_processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """`accelerate launch train.py ARGS` in a subprocess, as a user runs it, with train.args defaults applied."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [*LAUNCH, str(REPO / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
+        [*launch_command(num_processes), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
     )
 
 

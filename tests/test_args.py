@@ -77,6 +77,7 @@ def test_valid_defaults_have_no_problems(monkeypatch):
         (["--eval_strategy", "no", "--early_stopping_patience", "2"], "--early_stopping_patience needs evaluation"),
         (["--use_lora", "true", "--lora_target_modules", "q_proj"], "--lora_target_modules must be 'auto' or a JSON"),
         (["--cleanup_output_dir_on_start", "true", "--resume_from_checkpoint", "true"], "would delete the checkpoints"),
+        (["--enable_jit_checkpoint", "true"], "this script handles SIGTERM itself"),
     ],
 )
 def test_unsupported_or_incompatible_options_are_refused(monkeypatch, flags, problem):

@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO, run_train
+from conftest import REPO, launch_command, run_train
 from transformers import TrainerState
 
 import checkpoint_utils
@@ -38,48 +37,50 @@ def train_args(model, output_dir, method, *extra) -> list[str]:
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
        "OMP_NUM_THREADS": "1"}  # fmt: skip
+# How the single-process launchers run it, so that a signal reaches the trainer. Runs compared step by step share
+# one entry point and one thread count: the float reduction order, and so the losses, depend on them.
+PYTHON_TRAIN = [sys.executable, str(REPO / "train.py")]
+DDP_TRAIN = launch_command(num_processes=2)
+DDP = ["--use_ddp", "true", "--use_cpu", "true", "--per_device_train_batch_size", "4"]
 
 
-def train_py(args: list[str]) -> subprocess.CompletedProcess:
-    """`python train.py ARGS`: how the single-process launchers run it, so that a signal reaches the trainer.
-
-    Every run that is compared step by step goes through this one entry point with one thread count: the float
-    reduction order, and so the losses, depend on it.
-    """
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, env=ENV, cwd=REPO,
-        timeout=600,
-    )  # fmt: skip
+def train(args: list[str], command: list[str] = PYTHON_TRAIN) -> subprocess.CompletedProcess:
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
 
 
-def interrupt(args: list[str], after_step: int, signals: list[signal.Signals]) -> tuple[int, str]:
-    """Run `python train.py ARGS`, send `signals` once `after_step` has been logged; return exit code and output."""
+def interrupt(
+    args: list[str], after_step: int, signals: list[signal.Signals], command: list[str] = PYTHON_TRAIN
+) -> tuple[int, str]:
+    """Run the training command; once `after_step` has been logged send the first signal, and each further one
+    once the trainer has acknowledged the previous ("Received SIGTERM"). Return the exit code and the output."""
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
-        cwd=REPO,
+        [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO
     )
-    output, logged_steps = [], 0
+    output, logged_steps, sent = [], 0, 0
     for line in process.stdout:
         output.append(line)
         logged_steps += line.count("'loss': ")
-        if logged_steps >= after_step:
-            for signum in signals:
-                process.send_signal(signum)
-                time.sleep(0.01)
-            break
+        due = logged_steps >= after_step if sent == 0 else f"Received {signals[sent - 1].name}" in line
+        if due:
+            process.send_signal(signals[sent])
+            sent += 1
+            if sent == len(signals):
+                break
     output.append(process.communicate(timeout=300)[0])
     return process.returncode, "".join(output)
+
+
+def assert_same_losses(resumed: dict[int, float], expected: dict[int, float]) -> None:
+    assert sorted(resumed) == sorted(expected)
+    for step, loss in expected.items():
+        assert resumed[step] == pytest.approx(loss, abs=1e-5), (step, resumed[step], loss)
 
 
 @pytest.fixture(scope="module", params=list(METHODS))
 def uninterrupted(request, tiny_llama, tmp_path_factory):
     method = request.param
     out = tmp_path_factory.mktemp(f"uninterrupted-{method}")
-    result = train_py(train_args(tiny_llama, out, method))
+    result = train(train_args(tiny_llama, out, method))
     assert result.returncode == 0, result.stderr[-3000:]
     return method, step_losses(out), out
 
@@ -101,35 +102,45 @@ def test_sigterm_saves_a_complete_checkpoint_and_resume_matches(uninterrupted, t
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half written")
 
-    result = train_py(train_args(tiny_llama, out, method, "--resume_from_checkpoint", "true"))
+    result = train(train_args(tiny_llama, out, method, "--resume_from_checkpoint", "true"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming from {checkpoints[-1]}" in result.stdout + result.stderr
     assert "Removing incomplete checkpoint" in result.stdout + result.stderr
-    resumed = step_losses(out)
-    assert sorted(resumed) == sorted(expected)
-    for step, loss in expected.items():
-        assert resumed[step] == pytest.approx(loss, abs=1e-5), (step, resumed[step], loss)
+    assert_same_losses(step_losses(out), expected)
     assert not checkpoint_utils.checkpoint_dirs(str(out))  # removed after success (--keep_checkpoints false)
     assert (out / "config.json").exists()
 
 
+@pytest.mark.parametrize("uninterrupted", ["full"], indirect=True)  # one method is enough; SIGTERM covers all three
 def test_kill_9_after_a_checkpoint_resumes_exactly(uninterrupted, tiny_llama, tmp_path):
     method, expected, _ = uninterrupted
-    if method != "full":
-        pytest.skip("one method is enough for kill -9; SIGTERM covers all three")
     out = tmp_path / "run"
     code, _ = interrupt(train_args(tiny_llama, out, method), 12, [signal.SIGKILL])
     assert code == -signal.SIGKILL
     assert any((c / COMPLETE_MARKER).is_file() for c in checkpoint_utils.checkpoint_dirs(str(out)))
-    result = train_py(
+    result = train(
         train_args(tiny_llama, out, method, "--resume_from_checkpoint", "true", "--keep_checkpoints", "true")
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed = step_losses(out)
-    for step, loss in expected.items():
-        assert resumed[step] == pytest.approx(loss, abs=1e-5), (step, resumed[step], loss)
+    assert_same_losses(step_losses(out), expected)
     # --keep_checkpoints true keeps them, rotated to the newest --save_total_limit (2 in train.args).
     assert [c.name for c in checkpoint_utils.checkpoint_dirs(str(out))] == ["checkpoint-35", "checkpoint-40"]
+
+
+def test_ddp_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tiny_llama, tmp_path):
+    expected_run = train(train_args(tiny_llama, tmp_path / "uninterrupted", "lora", *DDP), DDP_TRAIN)
+    assert expected_run.returncode == 0, expected_run.stderr[-3000:]
+    out = tmp_path / "run"
+    # The launcher (torch elastic agent) passes SIGTERM on to both ranks.
+    code, output = interrupt(train_args(tiny_llama, out, "lora", *DDP), 3, [signal.SIGTERM], DDP_TRAIN)
+    assert code != 0
+    checkpoints = checkpoint_utils.checkpoint_dirs(str(out))
+    assert checkpoints and all(checkpoint_utils.is_complete(c) for c in checkpoints)
+    # Both ranks stopped after the same step and name the same checkpoint.
+    assert output.count(f"Preempted by SIGTERM: the complete checkpoint {checkpoints[-1]} ") == 2, output[-3000:]
+    resumed = train(train_args(tiny_llama, out, "lora", *DDP, "--resume_from_checkpoint", "true"), DDP_TRAIN)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_losses(step_losses(out), step_losses(tmp_path / "uninterrupted"))
 
 
 def test_resume_true_without_checkpoint_starts_fresh(tmp_path):

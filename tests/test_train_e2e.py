@@ -159,3 +159,15 @@ def test_unknown_model_id_is_a_clear_message(tmp_path):
     assert "--model_id" in output and "no-such-model" in output
     assert "Traceback" not in output
     assert not out.exists()
+
+
+def test_several_processes_without_a_gpu_need_use_cpu(tiny_llama, tmp_path):
+    """Without --use_cpu, two CPU processes would each train an unsynchronised copy of the model."""
+    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
+    out = tmp_path / "out"
+    args = ["--model_id", str(tiny_llama), "--train_data", str(data), "--output_dir", str(out), "--use_ddp", "true"]
+    result = run_train(*args, num_processes=2)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "2 processes were launched" in output and "--use_cpu true" in output
+    assert not out.exists()
