@@ -1,35 +1,64 @@
-"""Training data: read JSONL, validate every record, tokenize with exact loss masks, split, collate.
+"""Training data: read every common record shape from any source, validate each record, tokenize with exact loss
+masks, apply the length policy, cache the result, and write a preview of what the model trains on.
 
-Two record shapes are supported:
-  {"prompt": str, "completion": str}
-  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}  (rendered with the chat template)
+Record shapes (detected per record; --data_format forces one):
+  prompt_completion  {"prompt": str, "completion": str}
+  chat               {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]}
+  alpaca             {"instruction": str, "input": str (optional), "output": str}          -> a user/assistant chat
+  sharegpt           {"conversations": [{"from": "system" | "human" | "gpt", "value": str}, ...]}  -> a chat
+  text               {"text": str}                                  (every token trained)
+  tokenized          {"input_ids": [int], "labels": [int] (optional)}  (used as is)
 
-Only completion / assistant tokens (each followed by its end-of-turn token) carry labels unless
-`--train_on_prompt true`. Every problem is reported as `file:line: reason` before any model weight is loaded.
+Only completions / assistant turns (each followed by its end-of-turn token) carry labels unless
+`--train_on_prompt true`. Every problem is reported as `location: reason` before any model weight is loaded.
 """
 
+import hashlib
+import inspect
 import json
 import logging
-from dataclasses import dataclass, field
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
+from datasets.fingerprint import Hasher
+from huggingface_hub.constants import HF_HOME
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records, mask_url
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 NO_EVAL_DATA = "NA"
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 MAX_REPORTED_PROBLEMS = 20
+# Used when the tokenizer has no chat template: ChatML-style turns written as plain text, each closed by the
+# tokenizer's EOS, so no token is added to the vocabulary and the end of every turn is a trainable special token.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+PREVIEW_SAMPLES = 5
+TRAINED_SPAN = ("[[", "]]")  # how preview.txt marks the tokens that carry loss
 
 
 @dataclass
 class DataArguments:
     train_data: str = field(
-        metadata={"help": "Training data: a .jsonl file or a directory of *.jsonl files. One JSON record per line."}
+        metadata={
+            "help": "Training data: a .jsonl/.jsonl.gz/.json/.parquet file or a directory of them, an http(s):// or "
+            "s3://, gs://, ... URL, a Hugging Face dataset id or save_to_disk directory (append :split to pick a "
+            "split), or a TrueFoundry artifact version FQN."
+        }
     )
     eval_data: str = field(
         default=NO_EVAL_DATA,
@@ -44,6 +73,22 @@ class DataArguments:
             "training data, shuffled with --data_seed. 0 disables evaluation."
         },
     )
+    data_format: Literal["auto", "prompt_completion", "chat", "alpaca", "sharegpt", "text", "tokenized"] = field(
+        default="auto",
+        metadata={"help": "Record shape. 'auto' detects it per record from its keys; any other value is enforced."},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Jinja chat template (the template itself or a file holding it) that replaces the tokenizer's. "
+            "A tokenizer without one gets a ChatML-style default whose turns end with EOS."
+        },
+    )
+    skip_invalid_samples: bool = field(
+        default=False,
+        metadata={"help": "Drop invalid records (and report how many) instead of stopping with a report."},
+    )
+    dedup: bool = field(default=False, metadata={"help": "Drop exact duplicate records (the count is reported)."})
     max_num_samples: int = field(
         default=0, metadata={"help": "Use only the first N training records (before the eval split). 0 uses all."}
     )
@@ -71,42 +116,58 @@ class DataArguments:
     pad_to_multiple_of: int | None = field(
         default=8, metadata={"help": "Round padded batch lengths up to a multiple of this (8 suits GPU tensor cores)."}
     )
+    prepare_data_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Load, validate and tokenize the data, write <output_dir>/prepared/{train,eval,preview.txt}, "
+            "then exit without loading the model."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Processes that tokenize. Default: every CPU core for large datasets, 1 for small ones."},
+    )
+    data_cache_dir: str = field(
+        default=os.path.join(HF_HOME, "llm-finetune", "prepared"),
+        metadata={
+            "help": "Where tokenized datasets are cached, keyed by data content, tokenizer, template and data "
+            "options; a rerun with the same inputs reuses them. 'none' disables the cache."
+        },
+    )
 
 
-class DataError(Exception):
-    """A problem in the user's data or data options; the message says where and how to fix it."""
+# Record shapes: detection, validation, normalisation
+
+# One Arrow schema for every shape, so mixed files make one table. Chats are kept as JSON text: messages may carry
+# tool calls of any structure.
+EMPTY_ROW = {"kind": None, "messages": None, "prompt": None, "completion": None, "text": None,
+             "input_ids": None, "labels": None}  # fmt: skip
 
 
-# Reading and validation
+def detect_format(record: dict) -> str | None:
+    for key, data_format in (
+        ("messages", "chat"),
+        ("conversations", "sharegpt"),
+        ("instruction", "alpaca"),
+        ("prompt", "prompt_completion"),
+        ("completion", "prompt_completion"),
+        ("input_ids", "tokenized"),
+        ("text", "text"),
+    ):
+        if key in record:
+            return data_format
+    return None
 
 
-def resolve_data_files(path: str, flag: str) -> list[Path]:
-    """A .jsonl file, or every *.jsonl file of a directory (sorted, so the order is reproducible)."""
-    data_path = Path(path).expanduser()
-    if not data_path.exists():
-        raise DataError(f"{flag}: {path} does not exist. Pass a .jsonl file or a directory of .jsonl files.")
-    if data_path.is_dir():
-        files = sorted(data_path.glob("*.jsonl"))
-        if not files:
-            raise DataError(f"{flag}: directory {path} holds no *.jsonl files.")
-        return files
-    return [data_path]
-
-
-def record_problem(record) -> str | None:
-    """Why a parsed JSON value is not a usable training record, or None when it is."""
-    if not isinstance(record, dict):
-        return f"expected a JSON object, got {type(record).__name__}"
-    if "messages" in record:
-        return chat_problem(record["messages"])
-    if "prompt" in record or "completion" in record:
-        for key in ("prompt", "completion"):
-            if not isinstance(record.get(key), str):
-                return f"'{key}' must be a string, got {type(record.get(key)).__name__}"
-        if not record["completion"]:
-            return "'completion' is empty: there is nothing to train on"
+def string_field_problem(record: dict, key: str, required: bool = True, non_empty: bool = False) -> str | None:
+    if key not in record and not required:
         return None
-    return f"unknown record shape with keys {sorted(record)}: expected 'prompt'/'completion' or 'messages'"
+    value = record.get(key)
+    if not isinstance(value, str):
+        return f"'{key}' must be a string, got {type(value).__name__}"
+    if non_empty and not value.strip():
+        return f"'{key}' is empty: there is nothing to train on"
+    return None
 
 
 def chat_problem(messages) -> str | None:
@@ -117,61 +178,166 @@ def chat_problem(messages) -> str | None:
             return f"messages[{index}] must be an object, got {type(message).__name__}"
         if message.get("role") not in CHAT_ROLES:
             return f"messages[{index}] has role {message.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}"
-        if not isinstance(message.get("content"), str):
+        tool_call = message["role"] == "assistant" and message.get("tool_calls") and message.get("content") is None
+        if not tool_call and not isinstance(message.get("content"), str):
             return f"messages[{index}].content must be a string, got {type(message.get('content')).__name__}"
     if messages[-1]["role"] != "assistant":
         return "the chat does not end with an assistant turn"
-    if not any(message["content"] for message in messages if message["role"] == "assistant"):
+    if not any(m.get("content") or m.get("tool_calls") for m in messages if m["role"] == "assistant"):
         return "no assistant turn has content: there is nothing to train on"
     return None
 
 
-def normalize_record(record: dict) -> dict:
-    """One schema for every shape, so mixed files make one Arrow table."""
-    if "messages" in record:
-        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-        return {"prompt": None, "completion": None, "messages": messages}
-    return {"prompt": record["prompt"], "completion": record["completion"], "messages": None}
+def sharegpt_messages(conversations) -> list[dict] | str:
+    """The conversation as chat messages, or why it cannot be one."""
+    if not isinstance(conversations, list) or not conversations:
+        return "'conversations' must be a non-empty list of {'from', 'value'} objects"
+    messages = []
+    for index, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            return f"conversations[{index}] must be an object, got {type(turn).__name__}"
+        if turn.get("from") not in SHAREGPT_ROLES:
+            return f"conversations[{index}] has from {turn.get('from')!r}; expected one of system, human, gpt"
+        if not isinstance(turn.get("value"), str):
+            return f"conversations[{index}].value must be a string, got {type(turn.get('value')).__name__}"
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
 
 
-def read_records(path: str, flag: str, limit: int = 0) -> list[dict]:
-    """Parse and validate every line; raise one DataError listing the first problems with file:line."""
-    records, problems, total_problems = [], [], 0
-    for file in resolve_data_files(path, flag):
-        file_records = 0
-        with open(file, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                file_records += 1
-                try:
-                    problem = record_problem(record := json.loads(line))
-                except json.JSONDecodeError as error:
-                    problem = f"invalid JSON ({error.msg} at column {error.colno})"
-                if problem:
-                    total_problems += 1
-                    if len(problems) < MAX_REPORTED_PROBLEMS:
-                        problems.append(f"{file}:{line_number}: {problem}")
-                    continue
-                records.append({**normalize_record(record), "source": f"{file}:{line_number}"})
-                if limit and len(records) >= limit:
-                    break
-        if file_records == 0:
-            problems.append(f"{file}: the file holds no records")
-            total_problems += 1
-        if limit and len(records) >= limit:
+def alpaca_messages(record: dict) -> list[dict]:
+    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+
+
+def token_list_problem(record: dict, key: str) -> str | None:
+    value = record.get(key)
+    if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
+        return f"'{key}' must be a non-empty list of integers"
+    return None
+
+
+def normalize_record(record: Any, data_format: str) -> dict | str:
+    """The record as a row of the common schema, or the reason it is invalid."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    detected = detect_format(record)
+    if detected is None:
+        return (
+            f"unknown record shape with keys {sorted(record)[:10]}: expected prompt/completion, messages, "
+            "instruction/output (alpaca), conversations (sharegpt), text or input_ids"
+        )
+    if data_format != "auto" and detected != data_format:
+        return f"a {detected} record, but --data_format is {data_format}"
+    return NORMALIZERS[detected](record)
+
+
+def normalize_prompt_completion(record: dict) -> dict | str:
+    problem = string_field_problem(record, "prompt") or string_field_problem(record, "completion", non_empty=True)
+    return problem or {**EMPTY_ROW, "kind": "prompt_completion", "prompt": record["prompt"],
+                       "completion": record["completion"]}  # fmt: skip
+
+
+def normalize_chat(messages: Any) -> dict | str:
+    problem = chat_problem(messages)
+    return problem or {**EMPTY_ROW, "kind": "chat", "messages": json.dumps(messages, ensure_ascii=False)}
+
+
+def normalize_sharegpt(record: dict) -> dict | str:
+    messages = sharegpt_messages(record["conversations"])
+    return messages if isinstance(messages, str) else normalize_chat(messages)
+
+
+def normalize_alpaca(record: dict) -> dict | str:
+    problem = (
+        string_field_problem(record, "instruction")
+        or string_field_problem(record, "input", required=False)
+        or string_field_problem(record, "system", required=False)
+        or string_field_problem(record, "output", non_empty=True)
+    )
+    return problem or normalize_chat(alpaca_messages(record))
+
+
+def normalize_text(record: dict) -> dict | str:
+    return string_field_problem(record, "text", non_empty=True) or {**EMPTY_ROW, "kind": "text", "text": record["text"]}
+
+
+def normalize_tokenized(record: dict) -> dict | str:
+    problem = token_list_problem(record, "input_ids")
+    if not problem and "labels" in record:
+        problem = token_list_problem(record, "labels")
+        if not problem and len(record["labels"]) != len(record["input_ids"]):
+            problem = f"'labels' has {len(record['labels'])} tokens but 'input_ids' has {len(record['input_ids'])}"
+        elif not problem and all(label == IGNORE_INDEX for label in record["labels"]):
+            problem = "every label is -100: there is nothing to train on"
+    labels = record.get("labels") or list(record.get("input_ids") or [])
+    return problem or {**EMPTY_ROW, "kind": "tokenized", "input_ids": record["input_ids"], "labels": labels}
+
+
+NORMALIZERS = {
+    "prompt_completion": normalize_prompt_completion,
+    "chat": lambda record: normalize_chat(record["messages"]),
+    "sharegpt": normalize_sharegpt,
+    "alpaca": normalize_alpaca,
+    "text": normalize_text,
+    "tokenized": normalize_tokenized,
+}
+
+
+# Reading
+
+
+class ProblemReport:
+    """Collects invalid records: the first MAX_REPORTED_PROBLEMS as `location: reason`, and the total."""
+
+    def __init__(self):
+        self.shown: list[str] = []
+        self.total = 0
+
+    def add(self, location: str, reason: str) -> None:
+        self.total += 1
+        if len(self.shown) < MAX_REPORTED_PROBLEMS:
+            self.shown.append(f"{location}: {reason}")
+
+    def text(self) -> str:
+        return f"{self.total} invalid record(s) (showing {len(self.shown)}):\n  " + "\n  ".join(self.shown)
+
+
+def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0) -> list[dict]:
+    """Read and validate every record of a source; stop with a report, or drop the invalid ones when asked."""
+    rows, report, seen, duplicates = [], ProblemReport(), set(), 0
+    for location, value in iter_source_records(spec, flag):
+        row = value.reason if isinstance(value, InvalidRecord) else normalize_record(value, args.data_format)
+        if isinstance(row, str):
+            report.add(location, row)
+            continue
+        if args.dedup:
+            key = hashlib.sha1(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).digest()
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+        rows.append({**row, "source": location})
+        if limit and len(rows) >= limit:
             break
-    if problems:
-        shown = "\n  ".join(problems)
-        raise DataError(f"{flag}: {total_problems} invalid record(s) (showing {len(problems)}):\n  {shown}")
-    return records
+    if report.total and not args.skip_invalid_samples:
+        raise DataError(
+            f"{flag}: {report.text()}\nFix these records, or pass --skip_invalid_samples true to drop them."
+        )
+    if report.total:
+        logger.warning("%s: dropped %s", flag, report.text())
+    if duplicates:
+        logger.warning("%s: dropped %d exact duplicate record(s) (--dedup true).", flag, duplicates)
+    if not rows:
+        raise DataError(f"{flag}: {mask_url(spec)} holds no valid record.")
+    return rows
 
 
 def load_raw_datasets(args: DataArguments, seed: int) -> tuple[Dataset, Dataset | None]:
     """Validated train (and eval) records, before tokenization."""
-    train = Dataset.from_list(read_records(args.train_data, "--train_data", args.max_num_samples))
+    train = Dataset.from_list(read_records(args.train_data, "--train_data", args, args.max_num_samples))
     if args.eval_data != NO_EVAL_DATA:
-        return train, Dataset.from_list(read_records(args.eval_data, "--eval_data"))
+        return train, Dataset.from_list(read_records(args.eval_data, "--eval_data", args))
     if not args.eval_size:
         return train, None
     test_size = args.eval_size if args.eval_size < 1 else int(args.eval_size)
@@ -184,33 +350,45 @@ def load_raw_datasets(args: DataArguments, seed: int) -> tuple[Dataset, Dataset 
     return split["train"], split["test"]
 
 
+def apply_chat_template_option(tokenizer: PreTrainedTokenizerBase, args: DataArguments) -> None:
+    """--chat_template (the template itself, or a file holding it) replaces the tokenizer's."""
+    if args.chat_template:
+        path = Path(args.chat_template).expanduser()
+        template = path.read_text() if "{" not in args.chat_template and path.is_file() else args.chat_template
+        if "{" not in template:
+            raise DataError(f"--chat_template {args.chat_template!r} is neither a Jinja template nor a file.")
+        tokenizer.chat_template = template
+
+
 # Tokenization with loss masks
 
 
 def chat_segments(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
     """Split a rendered chat into (text, trained) pieces: each assistant content with its end-of-turn token is trained.
 
-    Assistant turns are located by rendering growing prefixes of the conversation, so any template that renders a
-    prefix of a chat as a prefix of the whole (ChatML, Llama-3, Mistral, ...) gets an exact mask.
+    Each assistant turn starts where the conversation before it, rendered with the generation prompt, ends; so any
+    template that renders a prefix of a chat as a prefix of the whole (ChatML, Llama-3, Mistral, ...) gets an exact
+    mask, with one render per assistant turn plus one of the whole chat.
     """
-    segments, rendered = [], ""
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
-        after = render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
-        if not before.startswith(rendered) or not after.startswith(before):
+    full = render_chat(tokenizer, messages, add_generation_prompt=False)
+    turn_starts = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    prefixes = [render_chat(tokenizer, messages[:index], add_generation_prompt=True) for index in turn_starts]
+    segments, position = [], 0
+    for turn, (index, prefix) in enumerate(zip(turn_starts, prefixes, strict=True)):
+        start = len(prefix)
+        end = len(prefixes[turn + 1]) if turn + 1 < len(prefixes) else len(full)
+        if start < position or not full.startswith(prefix):
             raise DataError(
                 "the chat template does not render a conversation prefix as a prefix of the whole; "
                 "loss masks cannot be built exactly. Use a template without history rewriting."
             )
-        segments.append((before[len(rendered) :], False))
-        segments.extend(assistant_turn_segments(after[len(before) :], message["content"], tokenizer))
-        rendered = after
-    full = render_chat(tokenizer, messages, add_generation_prompt=False)
-    if full[len(rendered) :]:
-        segments.append((full[len(rendered) :], False))
-    return segments
+        segments.append((full[position:start], False))
+        turn_segments = assistant_turn_segments(full[start:end], messages[index].get("content") or "", tokenizer)
+        segments.extend(turn_segments)
+        position = end
+    if full[position:]:
+        segments.append((full[position:], False))
+    return [segment for segment in segments if segment[0]]
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -264,36 +442,77 @@ def tokenize_segments(
     return input_ids, labels
 
 
+def record_segments(row: dict, tokenizer: PreTrainedTokenizerBase, bos: str) -> list[tuple[str, bool]]:
+    if row["kind"] == "chat":
+        return chat_segments(json.loads(row["messages"]), tokenizer)
+    if row["kind"] == "text":
+        return [(bos + row["text"] + tokenizer.eos_token, True)]
+    return prompt_completion_segments(row["prompt"], row["completion"], tokenizer, bos)
+
+
+def check_token_ids(input_ids: list[int], vocab_size: int, source: str) -> None:
+    if min(input_ids) < 0 or max(input_ids) >= vocab_size:
+        raise DataError(
+            f"{source}: 'input_ids' holds token ids outside the tokenizer's vocabulary (0..{vocab_size - 1}); "
+            "was it tokenized with another tokenizer?"
+        )
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added. The Rust tokenizer is called directly when it gives the same
+    ids as the Python wrapper on the first texts: the wrapper's per-text conversion costs as much as tokenizing."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    probe = texts[:4]
+    if (
+        backend is None
+        or [e.ids for e in backend.encode_batch_fast(probe, add_special_tokens=False)]
+        != tokenizer(probe, add_special_tokens=False)["input_ids"]
+    ):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
 def tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool) -> dict:
     """Render every record into segments, tokenize all segments of the batch in one call, then reassemble."""
-    all_segments, bos = [], bos_prefix(tokenizer)
-    for prompt, completion, messages in zip(batch["prompt"], batch["completion"], batch["messages"], strict=True):
-        if messages is not None:
-            all_segments.append(chat_segments(messages, tokenizer))
-        else:
-            all_segments.append(prompt_completion_segments(prompt, completion, tokenizer, bos))
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    bos = bos_prefix(tokenizer)
+    all_segments = [record_segments(row, tokenizer, bos) if row["kind"] != "tokenized" else [] for row in rows]
     flat_texts = [text for segments in all_segments for text, _ in segments]
-    flat_ids = iter(tokenizer(flat_texts, add_special_tokens=False)["input_ids"])
-    output = {"input_ids": [], "labels": []}
-    for segments in all_segments:
-        input_ids, labels = tokenize_segments(segments, [next(flat_ids) for _ in segments], train_on_prompt)
+    flat_ids = iter(encode_texts(tokenizer, flat_texts))
+    output = {"input_ids": [], "labels": [], "source": []}
+    for row, segments in zip(rows, all_segments, strict=True):
+        if row["kind"] == "tokenized":
+            check_token_ids(row["input_ids"], len(tokenizer), row["source"])
+            input_ids, labels = row["input_ids"], row["labels"]
+        else:
+            input_ids, labels = tokenize_segments(segments, [next(flat_ids) for _ in segments], train_on_prompt)
         output["input_ids"].append(input_ids)
         output["labels"].append(labels)
-    return output
+        output["source"].append(row["source"])
+    return {**output, **length_columns(output["labels"])}
+
+
+def length_columns(labels: list[list[int]]) -> dict:
+    """Per-sample token and trained-token counts, so length checks and summaries never load the token lists."""
+    return {
+        "length": [len(row) for row in labels],
+        "num_trained": [len(row) - row.count(IGNORE_INDEX) for row in labels],
+    }
 
 
 def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args: DataArguments) -> Dataset:
-    if any(messages is not None for messages in dataset["messages"]) and not tokenizer.chat_template:
-        raise DataError(
-            "the data has chat 'messages' records but the tokenizer has no chat template; "
-            "use a model whose tokenizer ships one, or convert the records to prompt/completion."
-        )
+    if "chat" in dataset.unique("kind") and not tokenizer.chat_template:
+        logger.info("The tokenizer has no chat template; chats use the ChatML-style default (turns end with EOS).")
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     try:
         return dataset.map(
             tokenize_batch,
             batched=True,
+            num_proc=tokenizing_processes(args, len(dataset)),
             fn_kwargs={"tokenizer": tokenizer, "train_on_prompt": args.train_on_prompt},
-            remove_columns=["prompt", "completion", "messages"],
+            remove_columns=dataset.column_names,
             desc="Tokenizing",
         )
     except DataError:
@@ -302,11 +521,19 @@ def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args:
         raise DataError(f"tokenizing failed: {error}") from error
 
 
+def tokenizing_processes(args: DataArguments, num_records: int) -> int | None:
+    """Worker processes cost about a second to start: worth it from a few thousand records."""
+    if args.preprocessing_num_workers is not None:
+        return args.preprocessing_num_workers if args.preprocessing_num_workers > 1 else None
+    workers = min(os.cpu_count() or 1, num_records // 5000)
+    return workers if workers > 1 else None
+
+
 # Length policy
 
 
 def apply_length_policy(dataset: Dataset, args: DataArguments, max_length: int, split: str) -> Dataset:
-    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    lengths = np.array(dataset["length"])
     too_long = np.flatnonzero(lengths > max_length)
     if len(too_long) and args.long_sequence_strategy == "error":
         longest = int(too_long[np.argmax(lengths[too_long])])
@@ -320,13 +547,22 @@ def apply_length_policy(dataset: Dataset, args: DataArguments, max_length: int, 
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), too_long))
     elif len(too_long):
         logger.warning("Truncating %d %s sample(s) to --max_length %d.", len(too_long), split, max_length)
-        dataset = dataset.map(lambda row: {k: row[k][:max_length] for k in ("input_ids", "labels")})
+        dataset = dataset.map(truncate_batch, batched=True, fn_kwargs={"max_length": max_length}, desc="Truncating")
     return drop_untrained(dataset, split)
+
+
+def truncate_batch(batch: dict, max_length: int) -> dict:
+    if max(batch["length"]) <= max_length:
+        return batch
+    input_ids = [ids[:max_length] for ids in batch["input_ids"]]
+    labels = [row[:max_length] for row in batch["labels"]]
+    return {**batch, "input_ids": input_ids, "labels": labels, **length_columns(labels)}
 
 
 def drop_untrained(dataset: Dataset, split: str) -> Dataset:
     """A sample whose labels are all masked (e.g. truncated before the answer) adds no loss, only compute."""
-    kept = dataset.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))
+    trained = np.array(dataset["num_trained"]) > 0
+    kept = dataset.select(np.flatnonzero(trained)) if not trained.all() else dataset
     if len(kept) < len(dataset):
         logger.warning("Dropping %d %s sample(s) with no trained tokens left.", len(dataset) - len(kept), split)
     if len(kept) == 0:
@@ -335,18 +571,12 @@ def drop_untrained(dataset: Dataset, split: str) -> Dataset:
 
 
 def log_length_summary(dataset: Dataset, split: str) -> None:
-    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
-    trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"])
+    lengths, trained = np.array(dataset["length"]), int(np.sum(dataset["num_trained"]))
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
     logger.info(
-        "%s: %d samples, tokens p50 %d / p90 %d / max %d, %d of %d tokens trained.",
-        split,
-        len(lengths),
-        np.percentile(lengths, 50),
-        np.percentile(lengths, 90),
-        lengths.max(),
-        trained,
-        lengths.sum(),
-    )
+        "%s: %d samples, tokens p50 %d / p90 %d / p99 %d / max %d, %d of %d tokens trained (%.1f%%).",
+        split, len(lengths), p50, p90, p99, lengths.max(), trained, lengths.sum(), 100 * trained / lengths.sum(),
+    )  # fmt: skip
 
 
 def resolve_max_length(args: DataArguments, tokenizer: PreTrainedTokenizerBase, model_max_positions: int | None) -> int:
@@ -368,18 +598,116 @@ def prepare_datasets(
     raw_eval: Dataset | None,
     max_length: int,
 ) -> tuple[Dataset, Dataset | None]:
-    """Tokenize, apply the length policy and log a token-length summary per split."""
+    """Tokenize and apply the length policy; columns input_ids, labels, source, length and num_trained."""
     prepared = []
     for split, raw in (("train", raw_train), ("eval", raw_eval)):
         if raw is None:
             prepared.append(None)
             continue
-        dataset = apply_length_policy(tokenize_dataset(raw, tokenizer, args), args, max_length, split)
-        log_length_summary(dataset, split)
-        prepared.append(
-            dataset.remove_columns("source").map(lambda row: {"attention_mask": [1] * len(row["input_ids"])})
-        )
+        prepared.append(apply_length_policy(tokenize_dataset(raw, tokenizer, args), args, max_length, split))
     return prepared[0], prepared[1]
+
+
+# Cache of prepared datasets
+
+CACHE_KEY_OPTIONS = ("train_data", "eval_data", "eval_size", "data_format", "skip_invalid_samples", "dedup",
+                     "max_num_samples", "train_on_prompt", "long_sequence_strategy")  # fmt: skip
+
+
+def prepared_cache_key(args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int) -> str:
+    """Changes with the data content, the tokenizer and its template, the data options and this module's code."""
+    sources = [fingerprint_source(args.train_data)]
+    if args.eval_data != NO_EVAL_DATA:
+        sources.append(fingerprint_source(args.eval_data))
+    options = {key: value for key, value in asdict(args).items() if key in CACHE_KEY_OPTIONS}
+    code = inspect.getsource(sys.modules[__name__])
+    parts = [sources, options, max_length, seed, Hasher.hash(tokenizer), tokenizer.chat_template, code]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+def load_prepared_datasets(
+    args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int
+) -> tuple[Dataset, Dataset | None]:
+    """Read, validate and tokenize the data, or reuse the result of an identical earlier run; log length summaries."""
+    cache = None if args.data_cache_dir.lower() == "none" else Path(args.data_cache_dir)
+    if cache is not None:
+        cache = cache / prepared_cache_key(args, tokenizer, max_length, seed)
+    if cache is not None and (cache / "train").is_dir():
+        logger.info("Using the prepared data cached in %s.", cache)
+        train = load_from_disk(str(cache / "train"))
+        evaluation = load_from_disk(str(cache / "eval")) if (cache / "eval").is_dir() else None
+        if "chat_template" in train.info.description:
+            tokenizer.chat_template = json.loads(train.info.description)["chat_template"]
+    else:
+        raw_train, raw_eval = load_raw_datasets(args, seed)
+        train, evaluation = prepare_datasets(args, tokenizer, raw_train, raw_eval, max_length)
+        if cache is not None:
+            save_to_cache(cache, tokenizer, train, evaluation)
+    for split, dataset in (("train", train), ("eval", evaluation)):
+        if dataset is not None:
+            log_length_summary(dataset, split)
+    return train, evaluation
+
+
+def save_to_cache(cache: Path, tokenizer: PreTrainedTokenizerBase, train: Dataset, evaluation: Dataset | None) -> None:
+    """Written beside the final place, then renamed: a concurrent or killed run never sees half a cache entry."""
+    temporary = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    # The default chat template may have been set while tokenizing; a cache hit must restore it.
+    train.info.description = json.dumps({"chat_template": tokenizer.chat_template})
+    save_prepared(temporary, train, evaluation)
+    try:
+        os.replace(temporary, cache)
+    except OSError:  # another process stored the same entry first
+        shutil.rmtree(temporary, ignore_errors=True)
+    logger.info("Cached the prepared data in %s.", cache)
+
+
+def save_prepared(directory: Path, train: Dataset, evaluation: Dataset | None) -> None:
+    train.save_to_disk(str(directory / "train"))
+    if evaluation is not None:
+        evaluation.save_to_disk(str(directory / "eval"))
+
+
+# --prepare_data_only: the prepared data and a preview a person can check
+
+
+def marked_text(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int]) -> str:
+    """The sample as text, with every run of trained tokens wrapped in TRAINED_SPAN."""
+    pieces, start = [], 0
+    trained = [label != IGNORE_INDEX for label in labels]
+    for index in range(1, len(input_ids) + 1):
+        if index == len(input_ids) or trained[index] != trained[start]:
+            text = tokenizer.decode(input_ids[start:index])
+            pieces.append(f"{TRAINED_SPAN[0]}{text}{TRAINED_SPAN[1]}" if trained[start] else text)
+            start = index
+    return "".join(pieces)
+
+
+def write_preview(path: Path, tokenizer: PreTrainedTokenizerBase, dataset: Dataset) -> None:
+    lines = [
+        f"The first {min(PREVIEW_SAMPLES, len(dataset))} training samples as the model sees them. Tokens that carry "
+        f"loss are between {TRAINED_SPAN[0]} and {TRAINED_SPAN[1]}; everything else is context only.\n"
+    ]
+    for row in dataset.select(range(min(PREVIEW_SAMPLES, len(dataset)))):
+        lines.append(f"===== {row['source']} ({len(row['input_ids'])} tokens) =====")
+        lines.append(marked_text(tokenizer, row["input_ids"], row["labels"]) + "\n")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_prepared_data(
+    output_dir: str, tokenizer: PreTrainedTokenizerBase, train: Dataset, evaluation: Dataset | None
+) -> Path:
+    directory = Path(output_dir) / "prepared"
+    if directory.exists():
+        shutil.rmtree(directory)
+    save_prepared(directory, train, evaluation)
+    write_preview(directory / "preview.txt", tokenizer, train)
+    return directory
+
+
+def training_columns(dataset: Dataset | None) -> Dataset | None:
+    """What the collator takes (it builds the attention mask); the other columns serve reports and the preview."""
+    return dataset.select_columns(["input_ids", "labels"]) if dataset is not None else None
 
 
 def build_collator(args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DataCollatorForSeq2Seq:

@@ -42,10 +42,12 @@ from data_utils import (
     NO_EVAL_DATA,
     DataArguments,
     DataError,
+    apply_chat_template_option,
     build_collator,
-    load_raw_datasets,
-    prepare_datasets,
+    load_prepared_datasets,
     resolve_max_length,
+    training_columns,
+    write_prepared_data,
 )
 from mlfoundry_utils import TrackingArguments, save_run_arguments
 from model_utils import (
@@ -231,6 +233,14 @@ def prepare_output_dir(training_args: FinetuneTrainingArguments) -> str | None:
     return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
 
+def save_prepared_data(training_args, tokenizer, train_dataset, eval_dataset) -> None:
+    """--prepare_data_only: the main process writes the prepared data and a preview of the loss mask."""
+    prepare_output_dir(training_args)
+    if PartialState().is_main_process:
+        directory = write_prepared_data(training_args.output_dir, tokenizer, train_dataset, eval_dataset)
+        logger.info("Prepared data and preview.txt written to %s; no model was loaded.", directory)
+
+
 def build_trainer(
     model, tokenizer, training_args, data_args, train_dataset, eval_dataset, max_length, callbacks
 ) -> Trainer:
@@ -246,8 +256,8 @@ def build_trainer(
     return Trainer(
         model=model,
         args=trainer_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=training_columns(train_dataset),
+        eval_dataset=training_columns(eval_dataset),
         processing_class=tokenizer,
         data_collator=build_collator(data_args, tokenizer, max_length),
         callbacks=callbacks,
@@ -274,13 +284,18 @@ def main() -> None:
     setup_logging(training_args)
     validate_args(data_args, lora_args, tracking_args, training_args)
 
-    # Load and validate the data: every record is checked before any model weight is loaded.
-    raw_train, raw_eval = load_raw_datasets(data_args, training_args.data_seed or training_args.seed)
+    # Read, validate and tokenize the data (or reuse the cached result): before any model weight is loaded.
     model_config = load_model_config(model_args)
     tokenizer = load_tokenizer(model_args)
+    apply_chat_template_option(tokenizer, data_args)
     max_length = resolve_max_length(data_args, tokenizer, model_max_positions(model_config))
-    with training_args.main_process_first(desc="tokenizing"):
-        train_dataset, eval_dataset = prepare_datasets(data_args, tokenizer, raw_train, raw_eval, max_length)
+    with training_args.main_process_first(desc="preparing data"):
+        train_dataset, eval_dataset = load_prepared_datasets(
+            data_args, tokenizer, max_length, training_args.data_seed or training_args.seed
+        )
+    if data_args.prepare_data_only:
+        save_prepared_data(training_args, tokenizer, train_dataset, eval_dataset)
+        return
 
     # Build the model
     resume_checkpoint = prepare_output_dir(training_args)

@@ -4,11 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Training runs cache prepared data under $HF_HOME: keep it out of the user's home, fresh for every session.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="llm-finetune-tests-")
 sys.path.insert(0, str(REPO))
 
 

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 from conftest import REPO, logged_losses, run_train, write_jsonl
+from datasets import load_from_disk
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,3 +172,20 @@ def test_several_processes_without_a_gpu_need_use_cpu(tiny_llama, tmp_path):
     assert result.returncode != 0
     assert "2 processes were launched" in output and "--use_cpu true" in output
     assert not out.exists()
+
+
+def test_prepare_data_only_writes_prepared_data_and_preview_then_reuses_the_cache(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
+            "--max_num_samples", "60", "--eval_size", "10", "--max_length", "128",
+            "--prepare_data_only", "true"]  # fmt: skip
+    result = train_ok(*args)
+    assert "no model was loaded" in result.stdout + result.stderr
+    train, evaluation = (load_from_disk(str(out / "prepared" / split)) for split in ("train", "eval"))
+    assert (len(train), len(evaluation)) == (50, 10)
+    assert {"input_ids", "labels"} <= set(train.column_names)
+    preview = (out / "prepared" / "preview.txt").read_text()
+    assert preview.count("=====") == 10 and "[[" in preview and "<|im_end|>]]" in preview
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    second = train_ok(*args)
+    assert "Using the prepared data cached" in second.stdout + second.stderr
