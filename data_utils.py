@@ -31,10 +31,10 @@ from huggingface_hub.constants import HF_HOME
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records, mask_url
+from packing import IGNORE_INDEX, PackedCollator, pack_dataset
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 NO_EVAL_DATA = "NA"
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -115,6 +115,21 @@ class DataArguments:
     )
     pad_to_multiple_of: int | None = field(
         default=8, metadata={"help": "Round padded batch lengths up to a multiple of this (8 suits GPU tensor cores)."}
+    )
+    sample_packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack several samples into each row of at most --max_length tokens (first-fit decreasing), each "
+            "sample attending only to itself. Fewer padding tokens: faster training on data with short samples. "
+            "Steps per epoch count packed rows, so fewer steps cover the data; adjust --max_steps/--save_steps."
+        },
+    )
+    eval_sample_packing: bool = field(
+        default=True,
+        metadata={
+            "help": "With --sample_packing true, pack the evaluation data too (faster evaluation, same loss per "
+            "token). Set false to evaluate one sample per row."
+        },
     )
     prepare_data_only: bool = field(
         default=False,
@@ -705,17 +720,44 @@ def write_prepared_data(
     return directory
 
 
+def pack_datasets(
+    args: DataArguments, train: Dataset, evaluation: Dataset | None, max_length: int
+) -> tuple[Dataset, Dataset | None]:
+    """--sample_packing: prepared samples packed into rows of at most max_length tokens (eval too unless
+    --eval_sample_packing false). Deterministic, so every rank builds the same rows and a resume sees the same data."""
+    if not args.sample_packing:
+        return train, evaluation
+    train = pack_dataset(train, max_length, "train")
+    if evaluation is not None and args.eval_sample_packing:
+        evaluation = pack_dataset(evaluation, max_length, "eval")
+    return train, evaluation
+
+
 def training_columns(dataset: Dataset | None) -> Dataset | None:
-    """What the collator takes (it builds the attention mask); the other columns serve reports and the preview."""
-    return dataset.select_columns(["input_ids", "labels"]) if dataset is not None else None
+    """What the collator takes (it builds the attention mask, or for packed rows passes position_ids); the other
+    columns serve reports and the preview."""
+    if dataset is None:
+        return None
+    return dataset.select_columns([c for c in ("input_ids", "labels", "position_ids") if c in dataset.column_names])
 
 
-def build_collator(args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DataCollatorForSeq2Seq:
-    """Right-pads input_ids/attention_mask with the pad token and labels with IGNORE_INDEX."""
-    return DataCollatorForSeq2Seq(
+def build_collator(
+    args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> DataCollatorForSeq2Seq | PackedCollator:
+    """Right-pads input_ids/attention_mask with the pad token and labels with IGNORE_INDEX; with --sample_packing,
+    packed rows get position_ids and no attention mask (see packing.py)."""
+    padding = DataCollatorForSeq2Seq(
         tokenizer,
         padding="max_length" if args.pad_to_max_length else "longest",
         max_length=max_length,
         pad_to_multiple_of=args.pad_to_multiple_of,
         label_pad_token_id=IGNORE_INDEX,
+    )
+    if not args.sample_packing:
+        return padding
+    return PackedCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        fallback=padding,
+        pad_to_multiple_of=args.pad_to_multiple_of,
+        pad_to_length=max_length if args.pad_to_max_length else None,
     )

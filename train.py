@@ -45,6 +45,7 @@ from data_utils import (
     apply_chat_template_option,
     build_collator,
     load_prepared_datasets,
+    pack_datasets,
     resolve_max_length,
     training_columns,
     write_prepared_data,
@@ -296,6 +297,7 @@ def main() -> None:
     if data_args.prepare_data_only:
         save_prepared_data(training_args, tokenizer, train_dataset, eval_dataset)
         return
+    train_dataset, eval_dataset = pack_datasets(data_args, train_dataset, eval_dataset, max_length)
 
     # Build the model
     resume_checkpoint = prepare_output_dir(training_args)

@@ -1,0 +1,128 @@
+"""Sample packing with isolated attention: several samples share one row of at most --max_length tokens, and no
+sample attends to another.
+
+How the isolation works (transformers masking_utils.find_packed_sequence_indices): with `position_ids` given, no
+`attention_mask` and no KV cache, a new sequence starts wherever position_ids do not grow by exactly 1, and the
+causal mask is built per sequence. So every sample's position_ids restart at 0, the collator sends no attention
+mask, and the padding at the end of a row gets its own positions from 0: a dummy sequence real tokens never see.
+The Trainer runs the model with use_cache=False; evaluate or test packed rows with use_cache=False too, or the
+detection is silently skipped and samples see each other.
+
+Rows are as long as --max_length at most, never a whole batch flattened into one row: on CPU, SDPA computes the full
+masked attention of a row, so one long row is slower than plain padding (see LIBRARY_FACTS.md).
+"""
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+# The label the loss ignores (PyTorch cross-entropy's default ignore_index).
+IGNORE_INDEX = -100
+
+
+def first_fit_decreasing(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Sample indices grouped into rows of at most max_length tokens: longest sample first (ties by index), each into
+    the first row with room. Deterministic, so the same data always gives the same rows (exact resume needs that).
+
+    The first row with room is found in a max-tree over the rows' free space: O(n log n) instead of O(n * rows).
+    """
+    if any(length > max_length for length in lengths):
+        raise ValueError(f"a sample is longer than max_length {max_length}; apply the length policy first")
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    free = np.full(2 * size, max_length, dtype=np.int64)  # leaves: free tokens of row i; inner nodes: max of children
+    rows: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        node = 1
+        while node < size:  # descend to the leftmost row with room
+            node = 2 * node if free[2 * node] >= lengths[index] else 2 * node + 1
+        row = node - size
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(index)
+        free[node] -= lengths[index]
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return rows
+
+
+def packing_efficiency(lengths: list[int], max_length: int, rows: list[list[int]]) -> float:
+    """Real tokens / tokens computed when every row is padded to max_length: sum(lengths) / (len(rows) * max_length).
+
+    It is the share of the rows' capacity that holds real tokens. Batches padded only to their longest row (the
+    default) compute at most that many tokens, so the share of real tokens actually computed is at least this.
+    """
+    return float(sum(lengths)) / (len(rows) * max_length) if rows else 0.0
+
+
+def pack_rows(batch: dict, indices: list[list[int]]) -> dict:
+    """Concatenate the samples of each row: the first label of each sample masked, position_ids restarting at 0."""
+    output = {"input_ids": [], "labels": [], "position_ids": [], "length": [], "num_trained": [], "num_samples": []}
+    for row in indices:
+        input_ids, labels, position_ids = [], [], []
+        for index in row:
+            input_ids.extend(batch["input_ids"][index])
+            # The model shifts labels: the label at a sample's first position would be predicted from the previous
+            # sample's last token. Alone, that label is never used (nothing precedes it), so masking it changes nothing.
+            labels.extend([IGNORE_INDEX, *batch["labels"][index][1:]])
+            position_ids.extend(range(len(batch["input_ids"][index])))
+        output["input_ids"].append(input_ids)
+        output["labels"].append(labels)
+        output["position_ids"].append(position_ids)
+        output["length"].append(len(input_ids))
+        output["num_trained"].append(sum(label != IGNORE_INDEX for label in labels))
+        output["num_samples"].append(len(row))
+    return output
+
+
+def pack_dataset(dataset: Dataset, max_length: int, split: str = "train") -> Dataset:
+    """A prepared dataset (input_ids, labels, length) as packed rows: input_ids, labels, position_ids, length,
+    num_trained, num_samples. Every sample lands in exactly one row; none is dropped."""
+    lengths = list(dataset["length"])
+    rows = first_fit_decreasing(lengths, max_length)
+    columns = dataset.select_columns(["input_ids", "labels"]).to_dict()
+    packed = Dataset.from_dict(pack_rows(columns, rows))
+    logger.info(
+        "Packing %s: %d samples into %d rows of at most %d tokens; packing efficiency %.1f%% (real tokens / "
+        "rows x max_length).",
+        split, len(lengths), len(rows), max_length, 100 * packing_efficiency(lengths, max_length, rows),
+    )  # fmt: skip
+    return packed
+
+
+@dataclass
+class PackedCollator:
+    """Right-pads packed rows: input_ids with the pad token, labels with IGNORE_INDEX, position_ids with 0, 1, 2, ...
+    (the padding is a separate dummy sequence, so real tokens never attend to it). Sends no attention_mask: that is
+    what makes transformers build the per-sample causal mask from position_ids.
+
+    Rows without position_ids (an unpacked eval set, --eval_sample_packing false) go to `fallback`, which builds the
+    usual attention mask.
+    """
+
+    pad_token_id: int
+    fallback: object
+    pad_to_multiple_of: int | None = None
+    pad_to_length: int | None = None  # --pad_to_max_length: every batch padded to max_length
+
+    def __call__(self, features: list[dict]) -> dict:
+        if "position_ids" not in features[0]:
+            return self.fallback(features)
+        length = self.pad_to_length or max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": [], "labels": [], "position_ids": []}
+        for feature in features:
+            padding = length - len(feature["input_ids"])
+            batch["input_ids"].append([*feature["input_ids"], *[self.pad_token_id] * padding])
+            batch["labels"].append([*feature["labels"], *[IGNORE_INDEX] * padding])
+            batch["position_ids"].append([*feature["position_ids"], *range(padding)])
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
