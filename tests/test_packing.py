@@ -110,8 +110,11 @@ def test_packed_logits_equal_separate_logits(tiny_llama, attn_implementation):
             end = start + len(sample["input_ids"])
             worst = max(worst, (packed_logits[start:end] - alone).abs().max().item())
             start = end
+        # Control: one running position sequence makes it one causal sequence, and the later samples change.
+        leaking = model(input_ids=batch["input_ids"], position_ids=torch.arange(24)[None], use_cache=False).logits[0]
     print(f"{attn_implementation}: packed vs separate max abs logit difference {worst:.3g}")
     assert worst <= 1e-4
+    assert (leaking[:23] - packed_logits[:23]).abs().max() > 1e-2
 
 
 def test_packed_qlora_run_trains(tiny_llama, tmp_path):
