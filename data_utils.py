@@ -721,13 +721,16 @@ def write_prepared_data(
 
 
 def pack_datasets(
-    args: DataArguments, train: Dataset, evaluation: Dataset | None, max_length: int
+    args: DataArguments, train: Dataset, evaluation: Dataset | None, max_length: int, train_rows_multiple: int = 1
 ) -> tuple[Dataset, Dataset | None]:
     """--sample_packing: prepared samples packed into rows of at most max_length tokens (eval too unless
-    --eval_sample_packing false). Deterministic, so every rank builds the same rows and a resume sees the same data."""
+    --eval_sample_packing false). Deterministic, so every rank builds the same rows and a resume sees the same data.
+    The number of training rows is a multiple of `train_rows_multiple` (rows per optimizer step over all processes),
+    so that no process is topped up with repeated rows and every optimizer step is full (evaluation discards its
+    repeats itself)."""
     if not args.sample_packing:
         return train, evaluation
-    train = pack_dataset(train, max_length, "train")
+    train = pack_dataset(train, max_length, "train", train_rows_multiple)
     if evaluation is not None and args.eval_sample_packing:
         evaluation = pack_dataset(evaluation, max_length, "eval")
     return train, evaluation

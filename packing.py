@@ -54,6 +54,22 @@ def first_fit_decreasing(lengths: list[int], max_length: int) -> list[list[int]]
     return rows
 
 
+def split_rows_to_multiple(rows: list[list[int]], multiple: int) -> list[list[int]]:
+    """Split rows until their number is a multiple of `multiple` (processes x per-device batch size).
+
+    accelerate gives every process the same number of full batches by repeating rows from the start of the epoch:
+    repeated rows would train their samples twice. Splitting a row instead (the last sample of the row holding the
+    most samples moves to a row of its own) keeps every sample exactly once per epoch. Deterministic.
+    """
+    rows = [list(row) for row in rows]
+    while len(rows) % multiple:
+        fullest = max(range(len(rows)), key=lambda i: (len(rows[i]), -i))
+        if len(rows[fullest]) < 2:
+            break  # fewer samples than processes x batch size: nothing left to split
+        rows.append([rows[fullest].pop()])
+    return rows
+
+
 def packing_efficiency(lengths: list[int], max_length: int, rows: list[list[int]]) -> float:
     """Real tokens / tokens computed when every row is padded to max_length: sum(lengths) / (len(rows) * max_length).
 
@@ -83,11 +99,12 @@ def pack_rows(batch: dict, indices: list[list[int]]) -> dict:
     return output
 
 
-def pack_dataset(dataset: Dataset, max_length: int, split: str = "train") -> Dataset:
+def pack_dataset(dataset: Dataset, max_length: int, split: str = "train", rows_multiple: int = 1) -> Dataset:
     """A prepared dataset (input_ids, labels, length) as packed rows: input_ids, labels, position_ids, length,
-    num_trained, num_samples. Every sample lands in exactly one row; none is dropped."""
+    num_trained, num_samples. Every sample lands in exactly one row; none is dropped. `rows_multiple`: see
+    split_rows_to_multiple."""
     lengths = list(dataset["length"])
-    rows = first_fit_decreasing(lengths, max_length)
+    rows = split_rows_to_multiple(first_fit_decreasing(lengths, max_length), rows_multiple)
     columns = dataset.select_columns(["input_ids", "labels"]).to_dict()
     packed = Dataset.from_dict(pack_rows(columns, rows))
     logger.info(

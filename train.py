@@ -94,6 +94,13 @@ class FinetuneTrainingArguments(TrainingArguments):
             "tokens), 'all' or 'no'."
         },
     )
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch samples of similar length together: less padding without --sample_packing (same as "
+            "--train_sampling_strategy group_by_length)."
+        },
+    )
     evaluation_strategy: str | None = field(
         default=None, metadata={"help": "Old name of --eval_strategy (transformers < 5), accepted as an alias."}
     )
@@ -146,6 +153,8 @@ class FinetuneTrainingArguments(TrainingArguments):
         self.include_num_input_tokens_seen = {"true": "all", "false": "no"}.get(
             self.include_num_input_tokens_seen.lower(), self.include_num_input_tokens_seen
         )
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         if self.use_ddp and self.ddp_find_unused_parameters is None:
@@ -265,6 +274,10 @@ def build_trainer(
     )
 
 
+def rows_per_optimizer_step(training_args: TrainingArguments) -> int:
+    return training_args.world_size * training_args.train_batch_size * training_args.gradient_accumulation_steps
+
+
 def raise_if_stopped_early(preemption: PreemptionCallback, watchdog: LossWatchdogCallback) -> None:
     if preemption.received:
         raise TrainingStopped(
@@ -297,7 +310,9 @@ def main() -> None:
     if data_args.prepare_data_only:
         save_prepared_data(training_args, tokenizer, train_dataset, eval_dataset)
         return
-    train_dataset, eval_dataset = pack_datasets(data_args, train_dataset, eval_dataset, max_length)
+    train_dataset, eval_dataset = pack_datasets(
+        data_args, train_dataset, eval_dataset, max_length, rows_per_optimizer_step(training_args)
+    )
 
     # Build the model
     resume_checkpoint = prepare_output_dir(training_args)

@@ -1,16 +1,27 @@
 """Sample packing: rows, labels and positions on literal inputs; packed logits equal separate logits; a packed run."""
 
+import signal
 from collections import Counter
 
 import pytest
 import torch
+from accelerate.data_loader import BatchSamplerShard
 from conftest import REPO, logged_losses, run_train
 from datasets import Dataset
+from test_checkpoints import assert_same_losses, interrupt, step_losses, train
+from torch.utils.data import BatchSampler, RandomSampler
 from transformers import AutoModelForCausalLM
 
 from data_utils import DataArguments, build_collator, training_columns
 from model_utils import ModelArguments, load_tokenizer
-from packing import IGNORE_INDEX, PackedCollator, first_fit_decreasing, pack_dataset, packing_efficiency
+from packing import (
+    IGNORE_INDEX,
+    PackedCollator,
+    first_fit_decreasing,
+    pack_dataset,
+    packing_efficiency,
+    split_rows_to_multiple,
+)
 
 SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
 
@@ -132,3 +143,80 @@ def test_packed_qlora_run_trains(tiny_llama, tmp_path):
     assert len(losses) >= 4, losses
     assert losses[-1] < 0.8 * losses[0], losses
     assert logged_losses(out, "eval_loss")
+
+
+def test_rows_split_to_a_multiple_keep_every_sample_once():
+    rows = first_fit_decreasing([5, 4, 3, 3, 2, 1], 8)  # [[0, 2], [1, 3, 5], [4]]
+    assert split_rows_to_multiple(rows, 4) == [[0, 2], [1, 3], [4], [5]]
+    assert split_rows_to_multiple(rows, 3) == rows
+    assert split_rows_to_multiple([[0], [1], [2]], 2) == [[0], [1], [2]]  # nothing to split: left as is
+
+
+@pytest.mark.parametrize("processes, batch_size", [(2, 3), (3, 2), (2, 1)])
+def test_each_packed_sample_reaches_exactly_one_process_per_epoch(processes, batch_size):
+    """accelerate's own sharding of the Trainer's batches: without the split it repeats rows to even out processes."""
+    lengths = [(37 * i) % 29 + 1 for i in range(101)]
+    packed = pack_dataset(samples(lengths), 32, rows_multiple=processes * batch_size)
+    seen = Counter()
+    for rank in range(processes):
+        # Every process draws the same permutation (accelerate synchronises the sampler's seed).
+        batches = BatchSampler(RandomSampler(packed, generator=torch.Generator().manual_seed(0)), batch_size, False)
+        for batch in BatchSamplerShard(batches, processes, rank, even_batches=True):
+            assert len(batch) == batch_size
+            for index in batch:
+                seen.update(tuple(sample["input_ids"]) for sample in split_row(packed[index]))
+    assert seen == Counter(tuple(ids) for ids in samples(lengths)["input_ids"])
+
+
+PACKED_RUN = [
+    "--sample_packing", "true", "--max_num_samples", "240", "--max_length", "128", "--learning_rate", "0.003",
+    "--max_steps", "10", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3",
+    "--eval_strategy", "no", "--eval_size", "0", "--report_to", "none", "--dataloader_num_workers", "0",
+    "--warmup_steps", "0",
+]  # fmt: skip
+
+
+def packed_args(model, output_dir, *extra) -> list[str]:
+    return ["--model_id", str(model), "--train_data", SAMPLE_CHAT, "--output_dir", str(output_dir), *PACKED_RUN,
+            *extra]  # fmt: skip
+
+
+def test_gradient_accumulation_optimises_the_same_loss(tiny_llama, tmp_path):
+    """Loss is the mean over the trained tokens of the whole optimizer step: 2 x 2 accumulated rows train like 4."""
+    one_batch = train(packed_args(tiny_llama, tmp_path / "b4", "--per_device_train_batch_size", "4"))
+    assert one_batch.returncode == 0, one_batch.stderr[-3000:]
+    accumulated = train(
+        packed_args(tiny_llama, tmp_path / "b2x2", "--per_device_train_batch_size", "2",
+                    "--gradient_accumulation_steps", "2")
+    )  # fmt: skip
+    assert accumulated.returncode == 0, accumulated.stderr[-3000:]
+    expected, losses = step_losses(tmp_path / "b4"), step_losses(tmp_path / "b2x2")
+    assert sorted(losses) == sorted(expected) == list(range(1, 11))
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, abs=1e-4), (step, losses[step], loss)
+    assert expected[10] < expected[1]
+
+
+def test_packed_lora_run_resumes_exactly_after_sigterm(tiny_llama, tmp_path):
+    lora = ["--use_lora", "true", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    reference = train(packed_args(tiny_llama, tmp_path / "reference", *lora))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "run"
+    code, output = interrupt(packed_args(tiny_llama, out, *lora), 4, [signal.SIGTERM])
+    assert code == 143, output[-3000:]
+    resumed = train(packed_args(tiny_llama, out, *lora, "--resume_from_checkpoint", "true"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout + resumed.stderr
+    assert_same_losses(step_losses(out), step_losses(tmp_path / "reference"))
+
+
+def test_packed_ddp_run_trains_on_two_processes(tiny_llama, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_train(
+        *packed_args(tiny_llama, out, "--use_ddp", "true", "--use_cpu", "true", "--use_lora", "true",
+                     "--per_device_train_batch_size", "2", "--learning_rate", "0.01"),
+        num_processes=2,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    losses = logged_losses(out)
+    assert len(losses) == 10 and losses[-1] < 0.8 * losses[0], losses
