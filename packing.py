@@ -8,16 +8,26 @@ mask, and the padding at the end of a row gets its own positions from 0: a dummy
 The Trainer runs the model with use_cache=False; evaluate or test packed rows with use_cache=False too, or the
 detection is silently skipped and samples see each other.
 
-Rows are as long as --max_length at most, never a whole batch flattened into one row: on CPU, SDPA computes the full
-masked attention of a row, so one long row is slower than plain padding (see LIBRARY_FACTS.md).
+Rows are as long as --max_length at most, never a whole batch flattened into one row.
+
+Speed: given that block-diagonal mask, SDPA computes every row's full max_length x max_length attention (and on CPU
+with its slowest kernel). During training the model therefore runs `packed_sdpa` (registered here through
+transformers' AttentionInterface): SDPA with is_causal=True on each sample of a row separately, which is the same
+computation as the mask describes, at a fraction of the cost. Batches without packed rows, and layers with a
+sliding window shorter than a sample, take the ordinary masked SDPA path.
 """
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from datasets import Dataset
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +153,72 @@ class PackedCollator:
             batch["labels"].append([*feature["labels"], *[IGNORE_INDEX] * padding])
             batch["position_ids"].append([*feature["position_ids"], *range(padding)])
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+PACKED_SDPA = "packed_sdpa"
+
+
+def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    """(start, end) of each run of consecutive positions in each row; None when no row holds more than one run."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not starts[:, 1:].any():
+        return None
+    length = position_ids.shape[1]
+    spans = []
+    for row_starts in starts.cpu().tolist():
+        bounds = [i for i, start in enumerate(row_starts) if start] + [length]
+        spans.append(list(zip(bounds, bounds[1:], strict=False)))
+    return spans
+
+
+def packed_sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """SDPA per sample of each packed row (causal within the sample); anything else goes to transformers' SDPA.
+
+    The masked path is the reference: same softmax over the same keys, and the logit-equality test checks both.
+    """
+    position_ids = kwargs.get("position_ids")
+    spans = None
+    if position_ids is not None and query.shape[2] == key.shape[2] == position_ids.shape[1]:
+        spans = sample_spans(position_ids)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if spans is None or (window and any(end - start > window for row in spans for start, end in row)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = []
+    for row, bounds in enumerate(spans):
+        rows.append(
+            torch.cat(
+                [
+                    sdpa_attention_forward(
+                        module,
+                        query[row : row + 1, :, start:end],
+                        key[row : row + 1, :, start:end],
+                        value[row : row + 1, :, start:end],
+                        None,
+                        **kwargs,
+                    )[0]
+                    for start, end in bounds
+                ],
+                dim=1,
+            )
+        )
+    return torch.cat(rows, dim=0), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+
+@contextmanager
+def packed_attention(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
+    """Run the model with packed_sdpa inside the block when it uses SDPA and packing is on; restore SDPA after, so
+    generation and the saved config see the standard implementation."""
+    if not enabled or model.config._attn_implementation != "sdpa":
+        yield
+        return
+    model.set_attn_implementation(PACKED_SDPA)
+    logger.info("Packed rows run SDPA per sample (%s) during training.", PACKED_SDPA)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")

@@ -63,6 +63,7 @@ from model_utils import (
     parse_target_modules,
     save_final_model,
 )
+from packing import packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +327,8 @@ def main() -> None:
     trainer = build_trainer(
         model, tokenizer, training_args, data_args, train_dataset, eval_dataset, max_length, [preemption, watchdog]
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint)
+    with packed_attention(model, data_args.sample_packing):
+        trainer.train(resume_from_checkpoint=resume_checkpoint)
     raise_if_stopped_early(preemption, watchdog)
 
     # Save

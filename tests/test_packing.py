@@ -16,6 +16,7 @@ from data_utils import DataArguments, build_collator, training_columns
 from model_utils import ModelArguments, load_tokenizer
 from packing import (
     IGNORE_INDEX,
+    PACKED_SDPA,
     PackedCollator,
     first_fit_decreasing,
     pack_dataset,
@@ -96,7 +97,7 @@ def test_unpacked_eval_rows_use_the_padding_collator(tiny_llama):
     assert packed.column_names == ["input_ids", "labels", "position_ids"]
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_logits_equal_separate_logits(tiny_llama, attn_implementation):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn_implementation).eval()
