@@ -1,4 +1,5 @@
-"""Tokenizer and model: loading (full / LoRA / QLoRA), LoRA targets, memory limits, and the final save and merge."""
+"""Tokenizer and model: loading (full / LoRA / DoRA / IA3, optionally on a quantized base), adapter targets, memory
+limits, the final save and merge, and generation from a saved model."""
 
 import json
 import logging
@@ -8,7 +9,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -42,13 +44,33 @@ class ModelArguments:
         default=False,
         metadata={"help": "Use flash_attention_2 when the flash-attn package and a GPU are available; otherwise SDPA."},
     )
+    special_tokens: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Special tokens to set on the tokenizer, as a JSON object, e.g. \'{"pad_token": "<|pad|>"}\'. '
+            "New tokens grow the embeddings (train them with --lora_modules_to_save under LoRA)."
+        },
+    )
 
 
 @dataclass
 class LoraArguments:
-    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter on a frozen base model."})
+    use_lora: bool = field(
+        default=False, metadata={"help": "Train an adapter (--peft_method, LoRA by default) on a frozen base model."}
+    )
     use_qlora: bool = field(
-        default=False, metadata={"help": "Train a LoRA adapter on a base quantized with bitsandbytes (QLoRA)."}
+        default=False, metadata={"help": "Train an adapter on a base quantized with bitsandbytes (QLoRA)."}
+    )
+    peft_method: Literal["lora", "ia3"] = field(
+        default="lora",
+        metadata={
+            "help": "Adapter type with --use_lora / --use_qlora: 'lora', or 'ia3' (learned scaling vectors; with "
+            "--lora_target_modules auto it adapts PEFT's default IA3 layers for the architecture)."
+        },
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: LoRA with a learned magnitude per output (slower steps, often better at low rank)."},
     )
     qlora_bit_length: Literal[4, 8] = field(
         default=4, metadata={"help": "QLoRA quantization: 4 (NF4 with double quantization) or 8 (LLM.int8)."}
@@ -65,6 +87,13 @@ class LoraArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_bias: Literal["none", "all", "lora_only"] = field(
         default="none", metadata={"help": "Which biases to train along with the adapter."}
+    )
+    lora_modules_to_save: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON list of modules trained in full and saved with the adapter, e.g. "
+            '\'["embed_tokens", "lm_head"]\' when new tokens were added.'
+        },
     )
     merge_adapters: bool = field(
         default=True,
@@ -105,6 +134,8 @@ def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_id, **hub_kwargs(model_args))
+    if model_args.special_tokens:
+        add_special_tokens(tokenizer, model_args.special_tokens)
     if tokenizer.eos_token is None:
         raise ModelLoadError(
             f"the tokenizer of {model_args.model_id!r} has no EOS token; the model could not learn to stop."
@@ -116,6 +147,22 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     # Right padding keeps the default position ids of every sample starting at 0.
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, value: str) -> None:
+    try:
+        tokens = json.loads(value)
+    except json.JSONDecodeError:
+        tokens = None
+    if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+        raise ModelLoadError(f'--special_tokens must be a JSON object like {{"pad_token": "<pad>"}}, got {value!r}.')
+    try:
+        added = tokenizer.add_special_tokens(tokens)
+    except (ValueError, TypeError) as error:
+        raise ModelLoadError(f"--special_tokens {value}: {error}") from error
+    if tokenizer.pad_token is not None and tokenizer.pad_token == tokenizer.eos_token:
+        logger.warning("--special_tokens: the pad token is the EOS token; only the loss mask keeps EOS trained.")
+    logger.info("Special tokens set: %s (%d new).", ", ".join(tokens), added)
 
 
 def model_max_positions(config: PretrainedConfig) -> int | None:
@@ -191,8 +238,8 @@ def load_model(
             gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs,
         )
     if lora_args.use_peft:
-        model = get_peft_model(model, lora_config(lora_args))
-        logger.info("LoRA targets: %s", ", ".join(lora_target_names(model)))
+        model = get_peft_model(model, peft_config(lora_args, model.config.model_type))
+        logger.info("%s targets: %s", model.peft_config["default"].peft_type.value, ", ".join(lora_target_names(model)))
         model.print_trainable_parameters()
     return model
 
@@ -222,13 +269,59 @@ def parse_target_modules(value: str) -> str | list[str]:
     return modules
 
 
-def lora_config(lora_args: LoraArguments) -> LoraConfig:
+def parse_modules_to_save(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    try:
+        modules = json.loads(value)
+    except json.JSONDecodeError:
+        modules = None
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ValueError(f"--lora_modules_to_save must be a JSON list of module names, got {value!r}.")
+    return modules or None
+
+
+def peft_option_problems(lora_args: LoraArguments) -> list[str]:
+    if not lora_args.use_peft:
+        if lora_args.use_dora or lora_args.peft_method != "lora":
+            return ["--use_dora / --peft_method choose an adapter: add --use_lora true or --use_qlora true."]
+        return []
+    problems = []
+    for parse, value in ((parse_target_modules, lora_args.lora_target_modules),
+                         (parse_modules_to_save, lora_args.lora_modules_to_save)):  # fmt: skip
+        try:
+            parse(value)
+        except ValueError as error:
+            problems.append(str(error))
+    if lora_args.use_dora and lora_args.peft_method != "lora":
+        problems.append(
+            f"--use_dora true is a LoRA variant; it does not apply to --peft_method {lora_args.peft_method}."
+        )
+    return problems
+
+
+def peft_config(lora_args: LoraArguments, model_type: str) -> PeftConfig:
+    targets = parse_target_modules(lora_args.lora_target_modules)
+    modules_to_save = parse_modules_to_save(lora_args.lora_modules_to_save)
+    if lora_args.peft_method == "ia3":
+        if targets == "all-linear":
+            # PEFT's IA3 defaults for the architecture (keys, values and the MLP's down projection for Llama)
+            return IA3Config(modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+        feedforward = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, [])
+        return IA3Config(
+            target_modules=targets,
+            feedforward_modules=[name for name in targets if name in feedforward],
+            modules_to_save=modules_to_save,
+            task_type="CAUSAL_LM",
+        )
     return LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         bias=lora_args.lora_bias,
-        target_modules=parse_target_modules(lora_args.lora_target_modules),
+        target_modules=targets,
+        use_dora=lora_args.use_dora,
+        modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
 
