@@ -23,12 +23,15 @@ from transformers import (
 )
 from transformers.utils import is_flash_attn_2_available
 
+from data_utils import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
 AUTO_TARGET_MODULES = "auto"
 DEFAULT_PAD_TOKEN = "<pad>"
 MEMORY_LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
 ADAPTER_SUBDIR = "adapter"
+SAMPLES_FILE = "samples.jsonl"
 
 
 @dataclass
@@ -355,16 +358,126 @@ def apply_memory_limit(training_args: TrainingArguments) -> None:
     logger.info("GPU %d memory limited to %.0f%% (%.0f MiB).", device, fraction * 100, fraction * total_mib)
 
 
+def load_adapter_model(
+    model_args: ModelArguments,
+    adapter_dir: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    device_map: str | None = None,
+) -> PeftModel:
+    """The adapter on a freshly loaded unquantized base (model_args.model_id), embeddings grown to the tokenizer."""
+    base = AutoModelForCausalLM.from_pretrained(
+        model_args.model_id, dtype=dtype, device_map=device_map, **hub_kwargs(model_args)
+    )
+    resize_embeddings_for_tokenizer(base, tokenizer)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
 def merge_adapter(
-    model_args: ModelArguments, adapter_dir: str, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
+    model_args: ModelArguments,
+    adapter_dir: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    device_map: str | None = None,
 ) -> PreTrainedModel:
-    """Apply the adapter to a freshly loaded unquantized base on CPU and merge it.
+    """Apply the adapter to a freshly loaded unquantized base (on CPU unless device_map says otherwise) and merge it.
 
     Merging into a 4-bit base would re-quantize the merged weights; a 16/32-bit base keeps them exact.
     """
-    base = AutoModelForCausalLM.from_pretrained(model_args.model_id, dtype=dtype, **hub_kwargs(model_args))
-    resize_embeddings_for_tokenizer(base, tokenizer)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged = load_adapter_model(model_args, adapter_dir, tokenizer, dtype, device_map).merge_and_unload()
+    merged.config.use_cache = True
+    return merged
+
+
+def adapter_base_model(directory: str | Path) -> str | None:
+    """The base model an adapter directory was trained on, or None when the directory holds no adapter."""
+    if not (Path(directory) / "adapter_config.json").is_file():
+        return None
+    return PeftConfig.from_pretrained(str(directory)).base_model_name_or_path
+
+
+def load_for_generation(
+    model_dir: str, base_model: str | None, dtype: torch.dtype, device_map: str | None, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved model (merged, or an adapter with its base) and its tokenizer, ready to generate."""
+    hub = {"trust_remote_code": trust_remote_code}
+    adapter_base = adapter_base_model(model_dir)
+    has_tokenizer = (Path(model_dir) / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir if has_tokenizer else base_model or adapter_base, **hub)
+    if adapter_base is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map, **hub)
+    else:
+        base_args = ModelArguments(model_id=base_model or adapter_base, trust_remote_code=trust_remote_code)
+        model = load_adapter_model(base_args, model_dir, tokenizer, dtype, device_map)
+    model.config.use_cache = True
+    return model.eval(), tokenizer
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """The conversation rendered with the chat template and the assistant's generation prompt, as token ids."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def generate_text(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[int], **generation
+) -> str:
+    """The model's continuation of `input_ids` as text (greedy unless `do_sample=True` is passed)."""
+    ids = torch.tensor([input_ids], device=model.device)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id, **generation
+        )
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def first_trained_span(labels: list[int]) -> tuple[int, int] | None:
+    """(start, end) of the first run of tokens that carry loss, or None when no token does or nothing precedes it."""
+    start = next((index for index, label in enumerate(labels) if label != IGNORE_INDEX), None)
+    if not start:  # None, or 0: no prompt to answer
+        return None
+    end = next((index for index in range(start, len(labels)) if labels[index] == IGNORE_INDEX), len(labels))
+    return start, end
+
+
+def sample_generations(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset, count: int, max_new_tokens: int
+) -> list[dict]:
+    """Answers to the prompts of the first `count` prepared samples that have one (the tokens before the first
+    trained span, i.e. the prompt exactly as trained, chat template included), with the trained answer beside."""
+    was_training = model.training
+    model.eval()
+    samples = []
+    for row in dataset:
+        span = first_trained_span(row["labels"])
+        if span is None:
+            continue
+        prompt, reference = row["input_ids"][: span[0]], row["input_ids"][span[0] : span[1]]
+        samples.append({
+            "source": row.get("source"),
+            "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            "reference": tokenizer.decode(reference, skip_special_tokens=True),
+            "generation": generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=False),
+        })  # fmt: skip
+        if len(samples) == count:
+            break
+    model.train(was_training)
+    return samples
+
+
+def write_sample_generations(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_dataset, train_dataset, args
+) -> Path:
+    """--sample_generations: the trained model's answers to evaluation prompts in <output_dir>/samples.jsonl."""
+    dataset = eval_dataset
+    if dataset is None:
+        logger.info("--sample_generations: no evaluation data; answering training prompts instead.")
+        dataset = train_dataset
+    samples = sample_generations(model, tokenizer, dataset, args.sample_generations, args.sample_max_new_tokens)
+    path = Path(args.output_dir) / SAMPLES_FILE
+    path.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
+    logger.info("Wrote %d sample generation(s) to %s.", len(samples), path)
+    return path
 
 
 def save_final_model(

@@ -67,6 +67,7 @@ from model_utils import (
     model_max_positions,
     peft_option_problems,
     save_final_model,
+    write_sample_generations,
 )
 
 logger = logging.getLogger(__name__)
@@ -334,6 +335,8 @@ def main() -> None:
     output_dir = save_final_model(trainer, model_args, lora_args, tokenizer)
     if trainer.is_world_process_zero():
         save_run_arguments(output_dir, model_args, data_args, lora_args, tracking_args, training_args)
+        if training_args.sample_generations:
+            write_sample_generations(trainer.model, tokenizer, eval_dataset, train_dataset, training_args)
         if not training_args.keep_checkpoints:
             remove_intermediate_checkpoints(output_dir)
     logger.info("Fine-tuned model saved in %s.", output_dir)
