@@ -363,7 +363,7 @@ def load_adapter_model(
     adapter_dir: str,
     tokenizer: PreTrainedTokenizerBase,
     dtype: torch.dtype,
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
 ) -> PeftModel:
     """The adapter on a freshly loaded unquantized base (model_args.model_id), embeddings grown to the tokenizer."""
     base = AutoModelForCausalLM.from_pretrained(
@@ -378,7 +378,7 @@ def merge_adapter(
     adapter_dir: str,
     tokenizer: PreTrainedTokenizerBase,
     dtype: torch.dtype,
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
 ) -> PreTrainedModel:
     """Apply the adapter to a freshly loaded unquantized base (on CPU unless device_map says otherwise) and merge it.
 
@@ -397,7 +397,7 @@ def adapter_base_model(directory: str | Path) -> str | None:
 
 
 def load_for_generation(
-    model_dir: str, base_model: str | None, dtype: torch.dtype, device_map: str | None, trust_remote_code: bool
+    model_dir: str, base_model: str | None, dtype: torch.dtype, device_map: str | dict | None, trust_remote_code: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A saved model (merged, or an adapter with its base) and its tokenizer, ready to generate."""
     hub = {"trust_remote_code": trust_remote_code}
