@@ -11,9 +11,10 @@ Three kinds of file are understood:
   a RunPod-style job  {"input": {"user_id", "model_id", "run_id", "credentials": {"hf_token", "wandb_api_key"},
                       "args": {...}}}: `args` is read as above; credentials go to the environment of the run only.
 
-Keys with no equivalent are listed in one warning (an error with --strict true). Keys set to null, false or an
-empty value set nothing and are ignored. The TrueFoundry launcher's Axolotl-style flags (--base_model,
---train_data_uri, ...) are translated on the command line too.
+Keys with no equivalent are listed in one warning (an error with --strict true). Keys set to null or an empty
+string set nothing; unknown keys set to false or an empty value (a feature turned off) are ignored. The
+TrueFoundry launcher's Axolotl-style flags (--base_model, --train_data_uri, ...) are translated on the command line
+too.
 """
 
 import json
