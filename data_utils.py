@@ -84,6 +84,10 @@ class DataArguments:
             "A tokenizer without one gets a ChatML-style default whose turns end with EOS."
         },
     )
+    default_system_message: str | None = field(
+        default=None,
+        metadata={"help": "System message put first in every chat (alpaca, sharegpt included) that has none."},
+    )
     skip_invalid_samples: bool = field(
         default=False,
         metadata={"help": "Drop invalid records (and report how many) instead of stopping with a report."},
@@ -318,6 +322,14 @@ class ProblemReport:
         return f"{self.total} invalid record(s) (showing {len(self.shown)}):\n  " + "\n  ".join(self.shown)
 
 
+def with_system_message(row: dict, system_message: str) -> dict:
+    messages = json.loads(row["messages"])
+    if messages[0]["role"] == "system":
+        return row
+    messages.insert(0, {"role": "system", "content": system_message})
+    return {**row, "messages": json.dumps(messages, ensure_ascii=False)}
+
+
 def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0) -> list[dict]:
     """Read and validate every record of a source; stop with a report, or drop the invalid ones when asked."""
     rows, report, seen, duplicates = [], ProblemReport(), set(), 0
@@ -326,6 +338,8 @@ def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0) -> l
         if isinstance(row, str):
             report.add(location, row)
             continue
+        if args.default_system_message and row["kind"] == "chat":
+            row = with_system_message(row, args.default_system_message)
         if args.dedup:
             key = hashlib.sha1(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).digest()
             if key in seen:
@@ -625,8 +639,9 @@ def prepare_datasets(
 
 # Cache of prepared datasets
 
-CACHE_KEY_OPTIONS = ("train_data", "eval_data", "eval_size", "data_format", "skip_invalid_samples", "dedup",
-                     "max_num_samples", "train_on_prompt", "long_sequence_strategy")  # fmt: skip
+CACHE_KEY_OPTIONS = ("train_data", "eval_data", "eval_size", "data_format", "default_system_message",
+                     "skip_invalid_samples", "dedup", "max_num_samples", "train_on_prompt",
+                     "long_sequence_strategy")  # fmt: skip
 
 
 def prepared_cache_key(args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int) -> str:

@@ -1,4 +1,5 @@
-"""Tokenizer and model: loading (full / LoRA / QLoRA), LoRA targets, memory limits, and the final save and merge."""
+"""Tokenizer and model: loading (full / LoRA / DoRA / IA3, optionally on a quantized base), adapter targets, memory
+limits, the final save and merge, and generation from a saved model."""
 
 import json
 import logging
@@ -8,7 +9,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -21,12 +23,15 @@ from transformers import (
 )
 from transformers.utils import is_flash_attn_2_available
 
+from data_utils import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
 AUTO_TARGET_MODULES = "auto"
 DEFAULT_PAD_TOKEN = "<pad>"
 MEMORY_LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
 ADAPTER_SUBDIR = "adapter"
+SAMPLES_FILE = "samples.jsonl"
 
 
 @dataclass
@@ -42,13 +47,33 @@ class ModelArguments:
         default=False,
         metadata={"help": "Use flash_attention_2 when the flash-attn package and a GPU are available; otherwise SDPA."},
     )
+    special_tokens: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Special tokens to set on the tokenizer, as a JSON object, e.g. \'{"pad_token": "<|pad|>"}\'. '
+            "New tokens grow the embeddings (train them with --lora_modules_to_save under LoRA)."
+        },
+    )
 
 
 @dataclass
 class LoraArguments:
-    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter on a frozen base model."})
+    use_lora: bool = field(
+        default=False, metadata={"help": "Train an adapter (--peft_method, LoRA by default) on a frozen base model."}
+    )
     use_qlora: bool = field(
-        default=False, metadata={"help": "Train a LoRA adapter on a base quantized with bitsandbytes (QLoRA)."}
+        default=False, metadata={"help": "Train an adapter on a base quantized with bitsandbytes (QLoRA)."}
+    )
+    peft_method: Literal["lora", "ia3"] = field(
+        default="lora",
+        metadata={
+            "help": "Adapter type with --use_lora / --use_qlora: 'lora', or 'ia3' (learned scaling vectors; with "
+            "--lora_target_modules auto it adapts PEFT's default IA3 layers for the architecture)."
+        },
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: LoRA with a learned magnitude per output (slower steps, often better at low rank)."},
     )
     qlora_bit_length: Literal[4, 8] = field(
         default=4, metadata={"help": "QLoRA quantization: 4 (NF4 with double quantization) or 8 (LLM.int8)."}
@@ -65,6 +90,13 @@ class LoraArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_bias: Literal["none", "all", "lora_only"] = field(
         default="none", metadata={"help": "Which biases to train along with the adapter."}
+    )
+    lora_modules_to_save: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON list of modules trained in full and saved with the adapter, e.g. "
+            '\'["embed_tokens", "lm_head"]\' when new tokens were added.'
+        },
     )
     merge_adapters: bool = field(
         default=True,
@@ -105,6 +137,8 @@ def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_id, **hub_kwargs(model_args))
+    if model_args.special_tokens:
+        add_special_tokens(tokenizer, model_args.special_tokens)
     if tokenizer.eos_token is None:
         raise ModelLoadError(
             f"the tokenizer of {model_args.model_id!r} has no EOS token; the model could not learn to stop."
@@ -116,6 +150,22 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     # Right padding keeps the default position ids of every sample starting at 0.
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, value: str) -> None:
+    try:
+        tokens = json.loads(value)
+    except json.JSONDecodeError:
+        tokens = None
+    if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+        raise ModelLoadError(f'--special_tokens must be a JSON object like {{"pad_token": "<pad>"}}, got {value!r}.')
+    try:
+        added = tokenizer.add_special_tokens(tokens)
+    except (ValueError, TypeError) as error:
+        raise ModelLoadError(f"--special_tokens {value}: {error}") from error
+    if tokenizer.pad_token is not None and tokenizer.pad_token == tokenizer.eos_token:
+        logger.warning("--special_tokens: the pad token is the EOS token; only the loss mask keeps EOS trained.")
+    logger.info("Special tokens set: %s (%d new).", ", ".join(tokens), added)
 
 
 def model_max_positions(config: PretrainedConfig) -> int | None:
@@ -191,8 +241,8 @@ def load_model(
             gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs,
         )
     if lora_args.use_peft:
-        model = get_peft_model(model, lora_config(lora_args))
-        logger.info("LoRA targets: %s", ", ".join(lora_target_names(model)))
+        model = get_peft_model(model, peft_config(lora_args, model.config.model_type))
+        logger.info("%s targets: %s", model.peft_config["default"].peft_type.value, ", ".join(lora_target_names(model)))
         model.print_trainable_parameters()
     return model
 
@@ -222,13 +272,59 @@ def parse_target_modules(value: str) -> str | list[str]:
     return modules
 
 
-def lora_config(lora_args: LoraArguments) -> LoraConfig:
+def parse_modules_to_save(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    try:
+        modules = json.loads(value)
+    except json.JSONDecodeError:
+        modules = None
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ValueError(f"--lora_modules_to_save must be a JSON list of module names, got {value!r}.")
+    return modules or None
+
+
+def peft_option_problems(lora_args: LoraArguments) -> list[str]:
+    if not lora_args.use_peft:
+        if lora_args.use_dora or lora_args.peft_method != "lora":
+            return ["--use_dora / --peft_method choose an adapter: add --use_lora true or --use_qlora true."]
+        return []
+    problems = []
+    for parse, value in ((parse_target_modules, lora_args.lora_target_modules),
+                         (parse_modules_to_save, lora_args.lora_modules_to_save)):  # fmt: skip
+        try:
+            parse(value)
+        except ValueError as error:
+            problems.append(str(error))
+    if lora_args.use_dora and lora_args.peft_method != "lora":
+        problems.append(
+            f"--use_dora true is a LoRA variant; it does not apply to --peft_method {lora_args.peft_method}."
+        )
+    return problems
+
+
+def peft_config(lora_args: LoraArguments, model_type: str) -> PeftConfig:
+    targets = parse_target_modules(lora_args.lora_target_modules)
+    modules_to_save = parse_modules_to_save(lora_args.lora_modules_to_save)
+    if lora_args.peft_method == "ia3":
+        if targets == "all-linear":
+            # PEFT's IA3 defaults for the architecture (keys, values and the MLP's down projection for Llama)
+            return IA3Config(modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+        feedforward = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, [])
+        return IA3Config(
+            target_modules=targets,
+            feedforward_modules=[name for name in targets if name in feedforward],
+            modules_to_save=modules_to_save,
+            task_type="CAUSAL_LM",
+        )
     return LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
         bias=lora_args.lora_bias,
-        target_modules=parse_target_modules(lora_args.lora_target_modules),
+        target_modules=targets,
+        use_dora=lora_args.use_dora,
+        modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
 
@@ -262,16 +358,126 @@ def apply_memory_limit(training_args: TrainingArguments) -> None:
     logger.info("GPU %d memory limited to %.0f%% (%.0f MiB).", device, fraction * 100, fraction * total_mib)
 
 
+def load_adapter_model(
+    model_args: ModelArguments,
+    adapter_dir: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    device_map: str | dict | None = None,
+) -> PeftModel:
+    """The adapter on a freshly loaded unquantized base (model_args.model_id), embeddings grown to the tokenizer."""
+    base = AutoModelForCausalLM.from_pretrained(
+        model_args.model_id, dtype=dtype, device_map=device_map, **hub_kwargs(model_args)
+    )
+    resize_embeddings_for_tokenizer(base, tokenizer)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
 def merge_adapter(
-    model_args: ModelArguments, adapter_dir: str, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
+    model_args: ModelArguments,
+    adapter_dir: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    device_map: str | dict | None = None,
 ) -> PreTrainedModel:
-    """Apply the adapter to a freshly loaded unquantized base on CPU and merge it.
+    """Apply the adapter to a freshly loaded unquantized base (on CPU unless device_map says otherwise) and merge it.
 
     Merging into a 4-bit base would re-quantize the merged weights; a 16/32-bit base keeps them exact.
     """
-    base = AutoModelForCausalLM.from_pretrained(model_args.model_id, dtype=dtype, **hub_kwargs(model_args))
-    resize_embeddings_for_tokenizer(base, tokenizer)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged = load_adapter_model(model_args, adapter_dir, tokenizer, dtype, device_map).merge_and_unload()
+    merged.config.use_cache = True
+    return merged
+
+
+def adapter_base_model(directory: str | Path) -> str | None:
+    """The base model an adapter directory was trained on, or None when the directory holds no adapter."""
+    if not (Path(directory) / "adapter_config.json").is_file():
+        return None
+    return PeftConfig.from_pretrained(str(directory)).base_model_name_or_path
+
+
+def load_for_generation(
+    model_dir: str, base_model: str | None, dtype: torch.dtype, device_map: str | dict | None, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved model (merged, or an adapter with its base) and its tokenizer, ready to generate."""
+    hub = {"trust_remote_code": trust_remote_code}
+    adapter_base = adapter_base_model(model_dir)
+    has_tokenizer = (Path(model_dir) / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir if has_tokenizer else base_model or adapter_base, **hub)
+    if adapter_base is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map, **hub)
+    else:
+        base_args = ModelArguments(model_id=base_model or adapter_base, trust_remote_code=trust_remote_code)
+        model = load_adapter_model(base_args, model_dir, tokenizer, dtype, device_map)
+    model.config.use_cache = True
+    return model.eval(), tokenizer
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """The conversation rendered with the chat template and the assistant's generation prompt, as token ids."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def generate_text(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: list[int], **generation
+) -> str:
+    """The model's continuation of `input_ids` as text (greedy unless `do_sample=True` is passed)."""
+    ids = torch.tensor([input_ids], device=model.device)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id, **generation
+        )
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def first_trained_span(labels: list[int]) -> tuple[int, int] | None:
+    """(start, end) of the first run of tokens that carry loss, or None when no token does or nothing precedes it."""
+    start = next((index for index, label in enumerate(labels) if label != IGNORE_INDEX), None)
+    if not start:  # None, or 0: no prompt to answer
+        return None
+    end = next((index for index in range(start, len(labels)) if labels[index] == IGNORE_INDEX), len(labels))
+    return start, end
+
+
+def sample_generations(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset, count: int, max_new_tokens: int
+) -> list[dict]:
+    """Answers to the prompts of the first `count` prepared samples that have one (the tokens before the first
+    trained span, i.e. the prompt exactly as trained, chat template included), with the trained answer beside."""
+    was_training = model.training
+    model.eval()
+    samples = []
+    for row in dataset:
+        span = first_trained_span(row["labels"])
+        if span is None:
+            continue
+        prompt, reference = row["input_ids"][: span[0]], row["input_ids"][span[0] : span[1]]
+        samples.append({
+            "source": row.get("source"),
+            "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            "reference": tokenizer.decode(reference, skip_special_tokens=True),
+            "generation": generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=False),
+        })  # fmt: skip
+        if len(samples) == count:
+            break
+    model.train(was_training)
+    return samples
+
+
+def write_sample_generations(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_dataset, train_dataset, args
+) -> Path:
+    """--sample_generations: the trained model's answers to evaluation prompts in <output_dir>/samples.jsonl."""
+    dataset = eval_dataset
+    if dataset is None:
+        logger.info("--sample_generations: no evaluation data; answering training prompts instead.")
+        dataset = train_dataset
+    samples = sample_generations(model, tokenizer, dataset, args.sample_generations, args.sample_max_new_tokens)
+    path = Path(args.output_dir) / SAMPLES_FILE
+    path.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
+    logger.info("Wrote %d sample generation(s) to %s.", len(samples), path)
+    return path
 
 
 def save_final_model(

@@ -1,11 +1,16 @@
 """Fine-tune a Hugging Face causal LM on JSONL data: full fine-tune, LoRA or QLoRA.
 
-Defaults come from train.args beside this file; flags on the command line override them.
+Defaults come from train.args beside this file; a config file given first (our options or Axolotl's, YAML or JSON,
+or a RunPod-style job body; see config_files.py) overrides them; flags on the command line override both.
 
 CPU smoke test with the embedded tiny model (what scripts/quickstart.sh runs):
     python scripts/make_tiny_model.py --output_dir models/tiny-llama
     accelerate launch --quiet --num_processes 1 train.py --model_id models/tiny-llama \
         --train_data sample_data/chat.jsonl --output_dir outputs/quickstart --use_qlora true
+
+The same from an Axolotl-style config file (examples/), then chat with the result:
+    accelerate launch --quiet --num_processes 1 train.py examples/axolotl_qlora_tiny.yaml
+    python scripts/generate.py outputs/axolotl-qlora "What is 12 + 30?"
 
 One GPU, QLoRA (scripts/single_gpu_qlora.sh):
     accelerate launch --quiet --num_processes 1 train.py --model_id meta-llama/Llama-3.1-8B-Instruct \
@@ -38,6 +43,7 @@ from checkpoint_utils import (
     remove_intermediate_checkpoints,
     resolve_resume_checkpoint,
 )
+from config_files import ConfigFileError, expand_command_line
 from data_utils import (
     NO_EVAL_DATA,
     DataArguments,
@@ -60,8 +66,9 @@ from model_utils import (
     load_model_config,
     load_tokenizer,
     model_max_positions,
-    parse_target_modules,
+    peft_option_problems,
     save_final_model,
+    write_sample_generations,
 )
 from packing import packed_attention
 
@@ -145,6 +152,21 @@ class FinetuneTrainingArguments(TrainingArguments):
         },
     )
 
+    strict: bool = field(
+        default=False,
+        metadata={"help": "Stop, instead of warning, when a config file has keys with no equivalent here."},
+    )
+    sample_generations: int = field(
+        default=0,
+        metadata={
+            "help": "After training, answer this many evaluation prompts (training ones without eval data) and write "
+            "prompt, reference and answer to --output_dir/samples.jsonl. 0 disables it."
+        },
+    )
+    sample_max_new_tokens: int = field(
+        default=64, metadata={"help": "Most tokens generated per answer of --sample_generations (greedy)."}
+    )
+
     def __post_init__(self):
         if self.deepspeed:
             # Checked before TrainingArguments imports DeepSpeed, which is not a dependency yet.
@@ -170,9 +192,10 @@ ARGUMENT_GROUPS = (ModelArguments, DataArguments, LoraArguments, TrackingArgumen
 
 
 def parse_args() -> tuple:
-    """Read train.args beside this script, then the command line (the last value of a flag wins)."""
+    """Read train.args beside this script, then a config file, then the command line (the last value of a flag wins)."""
     parser = HfArgumentParser(ARGUMENT_GROUPS)
-    return parser.parse_args_into_dataclasses(look_for_args_file=True)
+    arguments = expand_command_line(sys.argv[1:], ARGUMENT_GROUPS)
+    return parser.parse_args_into_dataclasses(args=arguments, look_for_args_file=True)
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -211,11 +234,7 @@ def find_argument_problems(data_args, lora_args, tracking_args, training_args) -
             f"{launched} processes were launched, but without a GPU each would train its own unsynchronised copy "
             "of the model. Add --use_cpu true to train them together on CPU (gloo)."
         )
-    if lora_args.use_peft:
-        try:
-            parse_target_modules(lora_args.lora_target_modules)
-        except ValueError as error:
-            problems.append(str(error))
+    problems += peft_option_problems(lora_args)
     return problems
 
 
@@ -335,6 +354,8 @@ def main() -> None:
     output_dir = save_final_model(trainer, model_args, lora_args, tokenizer)
     if trainer.is_world_process_zero():
         save_run_arguments(output_dir, model_args, data_args, lora_args, tracking_args, training_args)
+        if training_args.sample_generations:
+            write_sample_generations(trainer.model, tokenizer, eval_dataset, train_dataset, training_args)
         if not training_args.keep_checkpoints:
             remove_intermediate_checkpoints(output_dir)
     logger.info("Fine-tuned model saved in %s.", output_dir)
@@ -343,7 +364,7 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ArgumentError, DataError, ModelLoadError, OutputDirError) as error:
+    except (ArgumentError, ConfigFileError, DataError, ModelLoadError, OutputDirError) as error:
         logger.error("%s", error)
         sys.exit(2)
     except TrainingStopped as stop:

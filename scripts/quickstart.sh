@@ -36,3 +36,4 @@ accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision n
   --dataloader_num_workers 0
 
 python scripts/show_run.py "$OUTPUT_DIR" --prompt "What is 12 + 30?"
+echo "Chat with it: .venv/bin/python scripts/generate.py $OUTPUT_DIR"

@@ -8,17 +8,19 @@ from model_utils import (
     LoraArguments,
     ModelArguments,
     load_tokenizer,
-    lora_config,
     lora_target_names,
     parse_memory_limit,
     parse_target_modules,
+    peft_config,
     resize_embeddings_for_tokenizer,
 )
 
 
 def auto_targets(model_dir) -> set[str]:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return set(lora_target_names(get_peft_model(model, lora_config(LoraArguments(use_lora=True)))))
+    return set(
+        lora_target_names(get_peft_model(model, peft_config(LoraArguments(use_lora=True), model.config.model_type)))
+    )
 
 
 def test_auto_targets_every_linear_layer_of_llama_but_the_head(tiny_llama):

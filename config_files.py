@@ -1,0 +1,559 @@
+"""Config files for train.py: `train.py config.yaml [--flags]` or `train.py job.json [--flags]`.
+
+A config file is turned into command-line tokens placed between train.args and the command line, so train.args
+supplies the defaults, the file overrides them and flags on the command line override the file; HfArgumentParser
+then types and validates every value as if it had been typed.
+
+Three kinds of file are understood:
+  our own options     {"model_id": ..., "train_data": ..., "use_qlora": true, ...}  (YAML or JSON)
+  Axolotl's options   base_model, datasets, adapter, micro_batch_size, ... (recognised by its own key names and
+                      translated; see AXOLOTL_TRANSLATIONS)
+  a RunPod-style job  {"input": {"user_id", "model_id", "run_id", "credentials": {"hf_token", "wandb_api_key"},
+                      "args": {...}}}: `args` is read as above; credentials go to the environment of the run only.
+
+Keys with no equivalent are listed in one warning (an error with --strict true). Keys set to null or an empty
+string set nothing; unknown keys set to false or an empty value (a feature turned off) are ignored. The
+TrueFoundry launcher's Axolotl-style flags (--base_model, --train_data_uri, ...) are translated on the command line
+too.
+"""
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_utils import NO_EVAL_DATA
+
+logger = logging.getLogger(__name__)
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# RunPod job credentials and the environment variables the libraries read them from.
+CREDENTIAL_ENVIRONMENT = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY"}
+JOB_METADATA_KEYS = ("user_id", "model_id", "run_id")
+DATASET_KEYS = {"path", "type", "ds_type", "data_files", "field_messages", "split"}
+DATASET_TYPES = {"alpaca": "alpaca", "sharegpt": "sharegpt", "completion": "text"}
+CHAT_TEMPLATE_TYPE = "chat_template"
+# Axolotl chat_template values that keep the tokenizer's own template (ours falls back to a ChatML-style default).
+TOKENIZER_TEMPLATES = ("tokenizer_default", "tokenizer_default_fallback_chatml")
+# The TrueFoundry launcher's Axolotl-style command-line flags (translated like the keys of an Axolotl file).
+LAUNCHER_FLAGS = frozenset(
+    ("base_model", "train_data_uri", "val_data_uri", "val_set_size", "micro_batch_size", "num_epochs", "adapter",
+     "lora_target_linear", "train_on_inputs", "flash_attention")
+)  # fmt: skip
+TRUE_STRINGS = ("true", "yes", "y", "1", "t")
+FALSE_STRINGS = ("false", "no", "n", "0", "f", "none", "")
+
+
+class ConfigFileError(Exception):
+    """An unreadable config file, or a value that cannot be translated; the message says which key and why."""
+
+
+class Untranslatable(Exception):
+    """A key (or value) with no equivalent in this script; the message says why."""
+
+
+@dataclass
+class Translation:
+    tokens: list[str] = field(default_factory=list)
+    untranslated: list[str] = field(default_factory=list)  # "key: why" for every key with no equivalent
+
+
+def option_names(argument_groups) -> set[str]:
+    return {item.name for group in argument_groups for item in fields(group) if item.init}
+
+
+def is_unset(value: Any) -> bool:
+    return value is None or value is False or value in ("", [], {})
+
+
+def as_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_STRINGS:
+        return True
+    if text in FALSE_STRINGS:
+        return False
+    raise ConfigFileError(f"{key}: expected true or false, got {value!r}.")
+
+
+def token(value: Any) -> str:
+    """A YAML/JSON value as a command-line value: booleans as true/false, lists and mappings as JSON."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def option(name: str) -> Callable[[Any, dict], list[str]]:
+    return lambda value, config: [f"--{name}", token(value)]
+
+
+def bool_option(name: str) -> Callable[[Any, dict], list[str]]:
+    return lambda value, config: [f"--{name}", token(as_bool(value, name))]
+
+
+# Axolotl keys -> our flags
+
+
+def translate_adapter(value: Any, config: dict) -> list[str]:
+    adapter = str(value or "").lower()
+    if adapter in ("", "none", "full"):
+        return ["--use_lora", "false", "--use_qlora", "false"]
+    if adapter == "qlora" or (adapter == "lora" and (config.get("load_in_4bit") or config.get("load_in_8bit"))):
+        bits = "8" if config.get("load_in_8bit") and not config.get("load_in_4bit") else "4"
+        return ["--use_qlora", "true", "--qlora_bit_length", bits]
+    if adapter == "lora":
+        return ["--use_lora", "true"]
+    raise Untranslatable(f"adapter {value!r}: only lora and qlora are supported")
+
+
+def translate_quantization(value: Any, config: dict) -> list[str]:
+    """load_in_4bit / load_in_8bit: read together with `adapter`, which decides LoRA vs QLoRA."""
+    if as_bool(value, "load_in_4bit / load_in_8bit") and not config.get("adapter"):
+        raise Untranslatable("quantized full fine-tuning is not supported; set adapter: qlora (or lora)")
+    return []
+
+
+def translate_target_modules(value: Any, config: dict) -> list[str]:
+    if config.get("lora_target_linear"):
+        return []  # lora_target_linear already targets every linear layer
+    modules = [value] if isinstance(value, str) else value
+    return ["--lora_target_modules", json.dumps(list(modules))]
+
+
+def translate_target_linear(value: Any, config: dict) -> list[str]:
+    return ["--lora_target_modules", "auto"] if as_bool(value, "lora_target_linear") else []
+
+
+def translate_bf16(value: Any, config: dict) -> list[str]:
+    if str(value).lower() == "auto":
+        import torch
+
+        value = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return ["--bf16", token(as_bool(value, "bf16"))]
+
+
+def translate_sdp_attention(value: Any, config: dict) -> list[str]:
+    if as_bool(value, "sdp_attention"):
+        return []  # SDPA is what this script uses unless flash attention is asked for
+    raise Untranslatable("turning SDPA off (eager attention) is not supported")
+
+
+def translate_chat_template(value: Any, config: dict) -> list[str]:
+    if value in TOKENIZER_TEMPLATES:
+        return []
+    if value == "jinja":
+        if not config.get("chat_template_jinja"):
+            raise Untranslatable("chat_template: jinja needs chat_template_jinja")
+        return ["--chat_template", config["chat_template_jinja"]]
+    if "{" in str(value) or Path(str(value)).expanduser().is_file():
+        return ["--chat_template", str(value)]
+    raise Untranslatable(
+        f"chat_template {value!r}: named templates are not built in; give the template text with "
+        "chat_template: jinja and chat_template_jinja, or use the tokenizer's (tokenizer_default)"
+    )
+
+
+def per_epoch_steps(key: str, value: Any, config: dict) -> str:
+    """`saves_per_epoch` / `evals_per_epoch` as an HF strategy ('epoch', or 'steps' with a ratio of all steps)."""
+    if float(value) == 1:
+        return "epoch"
+    if config.get("max_steps"):
+        raise Untranslatable(f"{key} with max_steps: use {key.split('s_per')[0]}_steps instead")
+    if not config.get("num_epochs"):
+        raise Untranslatable(f"{key} needs num_epochs in the same file")
+    per_run = float(value) * float(config["num_epochs"])
+    if per_run <= 1:
+        return "epoch"
+    return repr(1 / per_run)  # save_steps / eval_steps below 1 are a fraction of the total steps
+
+
+def translate_saves_per_epoch(value: Any, config: dict) -> list[str]:
+    steps = per_epoch_steps("saves_per_epoch", value, config)
+    if steps == "epoch":
+        return ["--save_strategy", "epoch"]
+    return ["--save_strategy", "steps", "--save_steps", steps]
+
+
+def has_eval_data(config: dict) -> bool:
+    return bool(config.get("test_datasets")) or float(config.get("val_set_size") or 0) > 0
+
+
+def translate_evals_per_epoch(value: Any, config: dict) -> list[str]:
+    if not has_eval_data(config):
+        return []  # no evaluation data: Axolotl evaluates nothing either (see translate_eval_data)
+    steps = per_epoch_steps("evals_per_epoch", value, config)
+    if steps == "epoch":
+        return ["--eval_strategy", "epoch"]
+    return ["--eval_strategy", "steps", "--eval_steps", steps]
+
+
+def translate_eval_steps(value: Any, config: dict) -> list[str]:
+    return ["--eval_strategy", "steps", "--eval_steps", token(value)] if has_eval_data(config) else []
+
+
+def translate_warmup_ratio(value: Any, config: dict) -> list[str]:
+    if not 0 <= float(value) < 1:
+        raise ConfigFileError(f"warmup_ratio must be in [0, 1), got {value!r}.")
+    return ["--warmup_steps", token(value)]  # transformers 5 reads warmup_steps < 1 as a ratio
+
+
+def translate_special_tokens(value: Any, config: dict) -> list[str]:
+    if not isinstance(value, dict):
+        raise ConfigFileError(f"special_tokens must be a mapping like {{pad_token: '<pad>'}}, got {value!r}.")
+    return ["--special_tokens", json.dumps(value)]
+
+
+def translate_wandb_project(value: Any, config: dict) -> list[str]:
+    os.environ["WANDB_PROJECT"] = str(value)
+    return [] if "report_to" in config else ["--report_to", "wandb"]
+
+
+def wandb_environment(variable: str) -> Callable[[Any, dict], list[str]]:
+    def translate(value: Any, config: dict) -> list[str]:
+        os.environ[variable] = str(value)
+        return []
+
+    return translate
+
+
+def translate_hub_model_id(value: Any, config: dict) -> list[str]:
+    return ["--hub_model_id", str(value), "--push_to_hub", "true"]
+
+
+def translate_auto_resume(value: Any, config: dict) -> list[str]:
+    if config.get("resume_from_checkpoint"):
+        return []  # an explicit checkpoint wins, as in Axolotl
+    return ["--resume_from_checkpoint", "true"] if as_bool(value, "auto_resume_from_checkpoints") else []
+
+
+def translate_model_class(value: Any, config: dict) -> list[str]:
+    """model_type / tokenizer_type: this script always loads the Auto classes, which read the model's config."""
+    if str(value).startswith("Auto") or str(value).endswith(("ForCausalLM", "Tokenizer", "TokenizerFast")):
+        return []
+    raise Untranslatable(f"{value!r}: only causal LMs loaded with the Auto classes are supported")
+
+
+def translate_sequence_len(value: Any, config: dict) -> list[str]:
+    # Axolotl leaves longer samples out unless excess_length_strategy says otherwise; this script would stop.
+    strategy = config.get("excess_length_strategy") or "drop"
+    return ["--max_length", token(value), "--long_sequence_strategy", str(strategy)]
+
+
+def translate_excess_length(value: Any, config: dict) -> list[str]:
+    return [] if config.get("sequence_len") else ["--long_sequence_strategy", str(value)]
+
+
+def translate_data_path(flag: str) -> Callable[[Any, dict], list[str]]:
+    def translate(value: Any, config: dict) -> list[str]:
+        text = str(value).strip()
+        return [flag, NO_EVAL_DATA if text.lower() in ("", "none", "null", "na") else text]
+
+    return translate
+
+
+def translate_val_set_size(value: Any, config: dict) -> list[str]:
+    return ["--eval_size", token(value)]
+
+
+def dataset_source(entry: Any, key: str) -> str:
+    """One entry of `datasets` / `test_datasets` as a --train_data / --eval_data value."""
+    if isinstance(entry, str):
+        return entry
+    if not isinstance(entry, dict) or not entry.get("path"):
+        raise ConfigFileError(f"{key}: each entry needs a path, got {entry!r}.")
+    path, data_files, split = str(entry["path"]), entry.get("data_files"), entry.get("split") or "train"
+    if data_files:
+        if split != "train":
+            raise Untranslatable(f"{key}: split {split!r} with data_files; data_files are read as the train split")
+        files = [data_files] if isinstance(data_files, str) else list(data_files)
+        if len(files) != 1:
+            raise Untranslatable(f"{key}: data_files with several files; put them in one directory and use its path")
+        local = Path(path).expanduser()
+        if local.is_dir():
+            path = str(local / files[0])
+        elif Path(files[0]).expanduser().is_file():
+            path = files[0]
+        else:  # a file inside a Hugging Face dataset repo
+            path = f"hf://datasets/{path}/{files[0]}"
+        return path
+    # 'train' is what this script reads by default (and the only split of a file or a directory of files)
+    return path if split == "train" else f"{path}:{split}"
+
+
+def dataset_format(entry: Any, key: str) -> str:
+    kind = entry.get("type") if isinstance(entry, dict) else None
+    if kind is None:
+        return "auto"
+    if kind in DATASET_TYPES:
+        return DATASET_TYPES[kind]
+    if kind == CHAT_TEMPLATE_TYPE:
+        messages = entry.get("field_messages") or "messages"
+        if messages == "messages":
+            return "chat"
+        if messages == "conversations":
+            return "sharegpt"
+        raise Untranslatable(f"{key}: field_messages {messages!r}; records need 'messages' or 'conversations'")
+    raise Untranslatable(
+        f"{key}: type {kind!r}; supported types are alpaca, sharegpt, chat_template and completion "
+        "(prompt/completion records are detected without a type)"
+    )
+
+
+def translate_datasets(key: str, flag: str, entries: Any) -> tuple[list[str], set[str]]:
+    if isinstance(entries, dict | str):
+        entries = [entries]
+    if len(entries) != 1:
+        raise Untranslatable(
+            f"{key} with {len(entries)} entries: this script reads one source; put the files in one directory"
+        )
+    entry = entries[0]
+    ignored = sorted(set(entry) - DATASET_KEYS) if isinstance(entry, dict) else []
+    if ignored:
+        raise Untranslatable(f"{key}[0] keys {', '.join(ignored)} have no equivalent")
+    return [flag, dataset_source(entry, key)], {dataset_format(entry, key)}
+
+
+def translate_data(config: dict, translation: Translation) -> None:
+    """datasets / test_datasets / val_set_size: the data and the evaluation split, with Axolotl's defaults (no
+    evaluation unless val_set_size > 0 or test_datasets is given)."""
+    formats = set()
+    for key, flag in (("datasets", "--train_data"), ("test_datasets", "--eval_data")):
+        if is_unset(config.get(key)):
+            continue
+        try:
+            tokens, found = translate_datasets(key, flag, config[key])
+        except Untranslatable as reason:
+            translation.untranslated.append(str(reason))
+            continue
+        translation.tokens += tokens
+        formats |= found
+    if formats:
+        translation.tokens += ["--data_format", formats.pop() if len(formats) == 1 else "auto"]
+    if not config.get("test_datasets"):
+        translation.tokens += ["--eval_size", token(config.get("val_set_size") or 0)]
+    if not has_eval_data(config):
+        translation.tokens += ["--eval_strategy", "no"]
+
+
+AXOLOTL_TRANSLATIONS: dict[str, Callable[[Any, dict], list[str]]] = {
+    "base_model": option("model_id"),
+    "model_type": translate_model_class,
+    "tokenizer_type": translate_model_class,
+    "adapter": translate_adapter,
+    "load_in_4bit": translate_quantization,
+    "load_in_8bit": translate_quantization,
+    "lora_r": option("lora_r"),
+    "lora_alpha": option("lora_alpha"),
+    "lora_dropout": option("lora_dropout"),
+    "lora_target_modules": translate_target_modules,
+    "lora_target_linear": translate_target_linear,
+    "lora_modules_to_save": option("lora_modules_to_save"),
+    "peft_use_dora": bool_option("use_dora"),
+    "sequence_len": translate_sequence_len,
+    "excess_length_strategy": translate_excess_length,
+    "sample_packing": bool_option("sample_packing"),
+    "eval_sample_packing": bool_option("eval_sample_packing"),
+    "pad_to_sequence_len": bool_option("pad_to_max_length"),
+    "micro_batch_size": option("per_device_train_batch_size"),
+    "eval_batch_size": option("per_device_eval_batch_size"),
+    "num_epochs": option("num_train_epochs"),
+    "optimizer": option("optim"),
+    "lr_scheduler": option("lr_scheduler_type"),
+    "warmup_ratio": translate_warmup_ratio,
+    "bf16": translate_bf16,
+    "gradient_checkpointing": bool_option("activation_checkpointing"),
+    "flash_attention": bool_option("use_flash_attention"),
+    "sdp_attention": translate_sdp_attention,
+    "train_on_inputs": bool_option("train_on_prompt"),
+    "special_tokens": translate_special_tokens,
+    "chat_template": translate_chat_template,
+    "chat_template_jinja": lambda value, config: [],  # read with chat_template: jinja
+    "default_system_message": option("default_system_message"),
+    "saves_per_epoch": translate_saves_per_epoch,
+    "evals_per_epoch": translate_evals_per_epoch,
+    "eval_steps": translate_eval_steps,
+    "auto_resume_from_checkpoints": translate_auto_resume,
+    "dataset_prepared_path": option("data_cache_dir"),
+    "hub_model_id": translate_hub_model_id,
+    "mlflow_experiment_name": option("mlflow_experiment_name"),
+    "wandb_project": translate_wandb_project,
+    "wandb_entity": wandb_environment("WANDB_ENTITY"),
+    "wandb_name": wandb_environment("WANDB_NAME"),
+    "eval_max_new_tokens": option("sample_max_new_tokens"),
+    # read by translate_data
+    "datasets": lambda value, config: [],
+    "test_datasets": lambda value, config: [],
+    "val_set_size": lambda value, config: [],
+}
+# Keys both dialects share with the same meaning pass through by name: learning_rate, gradient_accumulation_steps,
+# max_steps, warmup_steps, weight_decay, max_grad_norm, adam_beta1/2, adam_epsilon, fp16, tf32, output_dir,
+# save_strategy, save_steps, save_total_limit, early_stopping_patience, loss_watchdog_threshold/patience,
+# resume_from_checkpoint, deepspeed, seed, logging_steps, trust_remote_code, group_by_length, ...
+
+
+def is_axolotl_config(config: dict, known_options: set[str]) -> bool:
+    """A file holding any key that only Axolotl uses (base_model, datasets, micro_batch_size, ...)."""
+    return any(key in AXOLOTL_TRANSLATIONS and key not in known_options for key in config)
+
+
+def option_token(key: str, value: Any) -> str:
+    if value is False and key.endswith("_strategy"):
+        return "no"  # YAML 1.1 reads an unquoted `no` as false
+    return token(value)
+
+
+def translate_config(config: dict, known_options: set[str]) -> Translation:
+    """A mapping of options (ours or Axolotl's) as command-line tokens, plus the keys that have no equivalent."""
+    translation = Translation()
+    axolotl = is_axolotl_config(config, known_options)
+    if axolotl:
+        translate_data(config, translation)
+    for key, value in config.items():
+        if value is None or value == "":
+            continue  # set to nothing: the default applies
+        try:
+            if axolotl and key in AXOLOTL_TRANSLATIONS:
+                tokens = AXOLOTL_TRANSLATIONS[key](value, config)
+            elif key in known_options:
+                tokens = [f"--{key}", option_token(key, value)]
+            elif is_unset(value):
+                continue  # a feature this script does not have, turned off
+            else:
+                raise Untranslatable(f"{key}: no such option")
+            missing = [flag for flag in tokens[::2] if flag[2:] not in known_options]
+            if missing:
+                raise Untranslatable(f"{key}: {missing[0]} is not available in this version")
+        except Untranslatable as reason:
+            translation.untranslated.append(str(reason))
+            continue
+        translation.tokens += tokens
+    return translation
+
+
+# Files and the command line
+
+
+def read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigFileError(f"{path}: no such config file.")
+    try:
+        text = path.read_text()
+        config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigFileError(f"{path}: cannot be read as {path.suffix[1:].upper()}: {error}") from error
+    if not isinstance(config, dict):
+        raise ConfigFileError(f"{path}: expected a mapping of option names to values, got {type(config).__name__}.")
+    return config
+
+
+def unpack_job(config: dict, path: Path) -> dict:
+    """A RunPod-style job body: its credentials go to the environment; its `args` are the options."""
+    job = config["input"]
+    if not isinstance(job, dict) or not isinstance(job.get("args"), dict):
+        raise ConfigFileError(f'{path}: a job body needs {{"input": {{"args": {{...options...}}}}}}.')
+    unknown = sorted(set(job) - {"args", "credentials", *JOB_METADATA_KEYS})
+    if unknown:
+        raise ConfigFileError(f"{path}: unknown keys in input: {', '.join(unknown)}.")
+    credentials = job.get("credentials") or {}
+    for name, value in credentials.items():
+        if name not in CREDENTIAL_ENVIRONMENT:
+            raise ConfigFileError(f"{path}: unknown credential {name!r}; expected {', '.join(CREDENTIAL_ENVIRONMENT)}.")
+        if value:
+            os.environ[CREDENTIAL_ENVIRONMENT[name]] = str(value)
+    args = dict(job["args"])
+    if job.get("run_id") and "run_name" not in args:
+        args["run_name"] = str(job["run_id"])
+    return args
+
+
+def config_tokens(path: Path, known_options: set[str]) -> Translation:
+    config = read_config_file(path)
+    if set(config) == {"input"}:
+        config = unpack_job(config, path)
+    return translate_config(config, known_options)
+
+
+def flag_name(item: str) -> str | None:
+    return item[2:].partition("=")[0] if item.startswith("--") else None
+
+
+def split_flag(tokens: list[str], index: int) -> tuple[str, str | None, int]:
+    """(name, value, next index) of the flag at tokens[index], in --name value or --name=value form."""
+    name, equals, value = tokens[index][2:].partition("=")
+    if equals:
+        return name, value, index + 1
+    if index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
+        return name, tokens[index + 1], index + 2
+    return name, None, index + 1
+
+
+def translate_launcher_flag(name: str, value: str, names: set[str]) -> list[str]:
+    try:
+        if name == "train_data_uri":
+            return translate_data_path("--train_data")(value, {})
+        if name == "val_data_uri":
+            return translate_data_path("--eval_data")(value, {})
+        if name == "val_set_size":
+            no_eval_data = float(value) == 0 and not names & {"val_data_uri", "eval_data"}
+            return translate_val_set_size(value, {}) + (["--eval_strategy", "no"] if no_eval_data else [])
+        return AXOLOTL_TRANSLATIONS[name](value, {})
+    except (Untranslatable, ValueError) as error:
+        raise ConfigFileError(f"--{name} {value}: {error}") from error
+
+
+def translate_launcher_flags(tokens: list[str]) -> list[str]:
+    """The TrueFoundry launcher's Axolotl-style flags as this script's flags; every other token is kept."""
+    names = {flag_name(item) for item in tokens} - {None}
+    translated, index = [], 0
+    while index < len(tokens):
+        if flag_name(tokens[index]) not in LAUNCHER_FLAGS:
+            translated.append(tokens[index])
+            index += 1
+            continue
+        name, value, index = split_flag(tokens, index)
+        translated += translate_launcher_flag(name, "true" if value is None else value, names)
+    return translated
+
+
+def last_value(tokens: list[str], name: str) -> str | None:
+    value, index = None, 0
+    while index < len(tokens):
+        if flag_name(tokens[index]) == name:
+            _, value, index = split_flag(tokens, index)
+            value = "true" if value is None else value
+        else:
+            index += 1
+    return value
+
+
+def expand_command_line(arguments: list[str], argument_groups) -> list[str]:
+    """The command line with a leading config file expanded into flags, and launcher flags translated.
+
+    Raises ConfigFileError for unreadable files, and for keys with no equivalent when --strict is true (in the file
+    or on the command line); otherwise those keys are listed in one warning.
+    """
+    if not arguments or arguments[0].startswith("-") or not arguments[0].lower().endswith(CONFIG_SUFFIXES):
+        return translate_launcher_flags(arguments)
+    path = Path(arguments[0]).expanduser()
+    translation = config_tokens(path, option_names(argument_groups))
+    command_line = translate_launcher_flags(arguments[1:])
+    tokens = translation.tokens + command_line
+    if translation.untranslated:
+        listing = "\n  ".join(translation.untranslated)
+        if as_bool(last_value(tokens, "strict") or "false", "--strict"):
+            raise ConfigFileError(f"{path}: {len(translation.untranslated)} key(s) with no equivalent:\n  {listing}")
+        logger.warning(
+            "%s: %d key(s) have no equivalent here and are ignored (pass --strict true to stop instead):\n  %s",
+            path,
+            len(translation.untranslated),
+            listing,
+        )
+    return tokens

@@ -1,0 +1,266 @@
+"""Config files: our own options, Axolotl's vocabulary and RunPod-style job bodies; the launcher's Axolotl flags."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, run_train
+
+import train
+from config_files import ConfigFileError, expand_command_line, option_names, translate_config
+
+KNOWN = option_names(train.ARGUMENT_GROUPS)
+# Flags other branches add; translation must target them once they exist.
+LATER_FLAGS = {"sample_packing", "eval_sample_packing", "mlflow_experiment_name"}
+PLANTED_HF_TOKEN = "hf_PlantedSecretValue0123456789"
+PLANTED_WANDB_KEY = "0123456789abcdefPlantedWandbKey"
+
+
+def parse(monkeypatch, *args):
+    """Parse as `python train.py ARGS` does: train.args, then the config file, then the command line."""
+    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
+    return dict(zip(("model", "data", "lora", "tracking", "training"), train.parse_args(), strict=True))
+
+
+def write_yaml(path, config: dict):
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_train_args_then_file_then_command_line(monkeypatch, tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", {"model_id": "m", "train_data": "d.jsonl", "learning_rate": 0.01,
+                                                "lora_r": 7, "lora_target_modules": ["q_proj", "v_proj"],
+                                                "save_strategy": False})  # fmt: skip
+    args = parse(monkeypatch, config, "--learning_rate", "0.02")
+    assert args["training"].learning_rate == 0.02  # command line beats the file
+    assert args["lora"].lora_r == 7  # the file beats train.args (32)
+    assert args["lora"].lora_target_modules == '["q_proj", "v_proj"]'
+    assert args["training"].save_strategy == "no"  # YAML reads an unquoted `no` as false
+    assert args["training"].weight_decay == 0.0 and args["lora"].lora_alpha == 64  # train.args defaults
+
+
+def test_json_file_of_our_options(monkeypatch, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model_id": "m", "train_data": "d.jsonl", "use_qlora": True, "max_length": 99}))
+    args = parse(monkeypatch, str(path))
+    assert args["lora"].use_qlora is True and args["data"].max_length == 99
+
+
+AXOLOTL = {
+    "base_model": "org/model", "model_type": "LlamaForCausalLM", "tokenizer_type": "AutoTokenizer",
+    "datasets": [{"path": "data/train.jsonl", "type": "alpaca", "ds_type": "json"}], "val_set_size": 0.05,
+    "adapter": "qlora", "load_in_4bit": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
+    "lora_target_modules": ["q_proj", "v_proj"], "lora_modules_to_save": ["embed_tokens", "lm_head"],
+    "sequence_len": 512, "sample_packing": True, "eval_sample_packing": False, "pad_to_sequence_len": True,
+    "micro_batch_size": 2, "eval_batch_size": 4, "gradient_accumulation_steps": 8, "num_epochs": 2,
+    "optimizer": "adamw_torch", "lr_scheduler": "linear", "learning_rate": 1e-4, "warmup_ratio": 0.1,
+    "weight_decay": 0.01, "max_grad_norm": 0.5, "adam_beta2": 0.95, "adam_epsilon": 1e-6, "bf16": "auto",
+    "fp16": False, "gradient_checkpointing": True, "flash_attention": True, "sdp_attention": True,
+    "train_on_inputs": True, "special_tokens": {"pad_token": "<pad>"}, "chat_template": "tokenizer_default",
+    "default_system_message": "Be brief.", "output_dir": "out", "saves_per_epoch": 4, "evals_per_epoch": 1,
+    "save_total_limit": 3, "early_stopping_patience": 2, "auto_resume_from_checkpoints": True, "seed": 7,
+    "logging_steps": 3, "dataset_prepared_path": "prepared", "trust_remote_code": False,
+    "mlflow_experiment_name": "exp", "wandb_project": None, "xformers_attention": None, "strict": False,
+}  # fmt: skip
+
+
+BF16_AUTO = str(torch.cuda.is_available() and torch.cuda.is_bf16_supported()).lower()
+
+
+def flags(tokens: list[str]) -> dict[str, str]:
+    """The last value of every flag (tokens come in --flag value pairs)."""
+    return dict(zip(tokens[::2], tokens[1::2], strict=True))
+
+
+def test_axolotl_keys_are_translated():
+    translation = translate_config(AXOLOTL, KNOWN | LATER_FLAGS)
+    assert translation.untranslated == []
+    assert flags(translation.tokens) == {
+        "--train_data": "data/train.jsonl", "--data_format": "alpaca", "--eval_size": "0.05",
+        "--model_id": "org/model", "--use_qlora": "true", "--qlora_bit_length": "4", "--lora_r": "8",
+        "--lora_alpha": "16", "--lora_dropout": "0.1", "--lora_target_modules": '["q_proj", "v_proj"]',
+        "--lora_modules_to_save": '["embed_tokens", "lm_head"]', "--max_length": "512",
+        "--long_sequence_strategy": "drop", "--sample_packing": "true", "--eval_sample_packing": "false",
+        "--pad_to_max_length": "true", "--per_device_train_batch_size": "2", "--per_device_eval_batch_size": "4",
+        "--gradient_accumulation_steps": "8", "--num_train_epochs": "2", "--optim": "adamw_torch",
+        "--lr_scheduler_type": "linear", "--learning_rate": "0.0001", "--warmup_steps": "0.1",
+        "--weight_decay": "0.01", "--max_grad_norm": "0.5", "--adam_beta2": "0.95", "--adam_epsilon": "1e-06",
+        "--bf16": BF16_AUTO, "--fp16": "false", "--activation_checkpointing": "true", "--use_flash_attention": "true",
+        "--train_on_prompt": "true", "--special_tokens": '{"pad_token": "<pad>"}',
+        "--default_system_message": "Be brief.", "--output_dir": "out", "--save_strategy": "steps",
+        "--save_steps": "0.125", "--eval_strategy": "epoch", "--save_total_limit": "3",
+        "--early_stopping_patience": "2", "--resume_from_checkpoint": "true", "--seed": "7", "--logging_steps": "3",
+        "--data_cache_dir": "prepared", "--trust_remote_code": "false", "--mlflow_experiment_name": "exp",
+        "--strict": "false",
+    }  # fmt: skip
+
+
+def test_axolotl_translation_parses(monkeypatch, tmp_path):
+    config = {key: value for key, value in AXOLOTL.items() if key not in LATER_FLAGS}
+    args = parse(monkeypatch, write_yaml(tmp_path / "axolotl.yml", config), "--lora_r", "4")
+    assert args["model"].model_id == "org/model" and args["lora"].use_qlora and args["lora"].lora_r == 4
+    assert args["data"].data_format == "alpaca" and args["data"].train_on_prompt is True
+    assert args["training"].per_device_train_batch_size == 2 and args["training"].num_train_epochs == 2
+    assert args["training"].warmup_steps == 0.1 and args["training"].activation_checkpointing is True
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"datasets": [{"path": "org/data", "split": "validation", "type": "sharegpt"}]},
+         {"--train_data": "org/data:validation", "--data_format": "sharegpt", "--eval_size": "0",
+          "--eval_strategy": "no"}),
+        ({"datasets": [{"path": "org/data", "data_files": "train.jsonl", "type": "chat_template",
+                        "field_messages": "conversations"}], "test_datasets": [{"path": "eval.jsonl"}],
+          "evals_per_epoch": 4, "num_epochs": 1},
+         {"--train_data": "hf://datasets/org/data/train.jsonl", "--eval_data": "eval.jsonl", "--data_format": "auto",
+          "--eval_strategy": "steps", "--eval_steps": "0.25", "--num_train_epochs": "1"}),
+        ({"datasets": [{"path": "t.jsonl", "type": "completion"}], "evals_per_epoch": 2, "eval_steps": 5},
+         {"--train_data": "t.jsonl", "--data_format": "text", "--eval_size": "0", "--eval_strategy": "no"}),
+        ({"base_model": "m", "adapter": "lora", "load_in_8bit": True, "lora_target_linear": True,
+          "lora_target_modules": ["q_proj"]},
+         {"--model_id": "m", "--use_qlora": "true", "--qlora_bit_length": "8", "--lora_target_modules": "auto",
+          "--eval_size": "0", "--eval_strategy": "no"}),
+        ({"base_model": "m", "chat_template": "jinja", "chat_template_jinja": "{{ messages }}", "saves_per_epoch": 1},
+         {"--model_id": "m", "--chat_template": "{{ messages }}", "--save_strategy": "epoch", "--eval_size": "0",
+          "--eval_strategy": "no"}),
+    ],
+)  # fmt: skip
+def test_axolotl_data_and_schedule(config, expected):
+    translation = translate_config(config, KNOWN)
+    assert translation.untranslated == []
+    assert flags(translation.tokens) == expected
+
+
+def test_axolotl_keys_without_equivalent_are_listed():
+    config = {"base_model": "m", "datasets": [{"path": "a"}, {"path": "b"}], "chat_template": "chatml",
+              "unfrozen_parameters": ["x"], "gptq": False, "rl": None, "sample_packing": True}  # fmt: skip
+    untranslated = translate_config(config, KNOWN - LATER_FLAGS).untranslated
+    assert [reason.split()[0] for reason in untranslated] == [
+        "datasets", "chat_template", "unfrozen_parameters:", "sample_packing:"
+    ]  # fmt: skip
+    assert "put the files in one directory" in untranslated[0]
+    assert "--sample_packing is not available" in untranslated[3]  # a flag this version does not have
+
+
+def test_unknown_keys_warn_once_and_strict_stops(tmp_path, caplog):
+    config = write_yaml(tmp_path / "run.yaml", {"model_id": "m", "learning_rat": 0.1, "num_epoch": 3})
+    with caplog.at_level(logging.WARNING, logger="config_files"):
+        tokens = expand_command_line([config, "--train_data", "d"], train.ARGUMENT_GROUPS)
+    assert tokens == ["--model_id", "m", "--train_data", "d"]
+    [record] = caplog.records
+    assert "2 key(s)" in record.message and "learning_rat" in record.message and "num_epoch" in record.message
+    with pytest.raises(ConfigFileError, match="learning_rat: no such option"):
+        expand_command_line([config, "--strict", "true"], train.ARGUMENT_GROUPS)
+    strict_file = write_yaml(tmp_path / "strict.yaml", {"strict": True, "learning_rat": 0.1})
+    with pytest.raises(ConfigFileError, match="1 key"):
+        expand_command_line([strict_file], train.ARGUMENT_GROUPS)
+
+
+def test_strict_error_exits_2_before_loading_anything(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", {"base_model": "m", "datasets": [{"path": "d"}], "rope_scaling": 2})
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "train.py"), config, "--strict", "true", "--output_dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-2000:]  # `python train.py`: accelerate launch would exit 1
+    assert "rope_scaling: no such option" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_bad_files_are_reported(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_id: [unclosed\n")
+    with pytest.raises(ConfigFileError, match="cannot be read as YAML"):
+        expand_command_line([str(bad)], train.ARGUMENT_GROUPS)
+    with pytest.raises(ConfigFileError, match="no such config file"):
+        expand_command_line([str(tmp_path / "missing.json")], train.ARGUMENT_GROUPS)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigFileError, match="expected a mapping"):
+        expand_command_line([str(listing)], train.ARGUMENT_GROUPS)
+
+
+def test_truefoundry_launcher_axolotl_flags(monkeypatch):
+    launcher_flags = ["--base_model", "org/m", "--train_data_uri", "s3://b/train.jsonl", "--val_data_uri", "None",
+                      "--val_set_size", "0.2", "--micro_batch_size", "3", "--num_epochs", "2", "--adapter", "qlora",
+                      "--lora_target_linear", "true", "--train_on_inputs", "False",
+                      "--flash_attention=true"]  # fmt: skip
+    args = parse(monkeypatch, *launcher_flags)
+    assert args["model"].model_id == "org/m" and args["model"].use_flash_attention is True
+    assert args["data"].train_data == "s3://b/train.jsonl" and args["data"].eval_data == "NA"
+    assert args["data"].eval_size == 0.2 and args["data"].train_on_prompt is False
+    assert args["training"].per_device_train_batch_size == 3 and args["training"].num_train_epochs == 2
+    assert args["lora"].use_qlora is True and args["lora"].lora_target_modules == "auto"
+    no_eval = parse(monkeypatch, "--base_model", "m", "--train_data_uri", "d", "--val_set_size", "0")
+    assert no_eval["data"].eval_size == 0 and no_eval["training"].eval_strategy == "no"
+    with pytest.raises(ConfigFileError, match="--adapter prefix"):
+        expand_command_line(["--adapter", "prefix"], train.ARGUMENT_GROUPS)
+
+
+def job_body(args: dict, hf_token: str = PLANTED_HF_TOKEN, wandb_key: str = PLANTED_WANDB_KEY) -> dict:
+    return {"input": {"user_id": "u", "model_id": "my-model", "run_id": "run-7",
+                      "credentials": {"hf_token": hf_token, "wandb_api_key": wandb_key}, "args": args}}  # fmt: skip
+
+
+def test_job_body_credentials_go_to_the_environment_only(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", "before")  # restored after the test
+    monkeypatch.setenv("WANDB_API_KEY", "before")
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job_body({"base_model": "org/m", "datasets": [{"path": "d.jsonl"}]})))
+    tokens = expand_command_line([str(path)], train.ARGUMENT_GROUPS)
+    assert os.environ["HF_TOKEN"] == PLANTED_HF_TOKEN and os.environ["WANDB_API_KEY"] == PLANTED_WANDB_KEY
+    assert PLANTED_HF_TOKEN not in " ".join(tokens) and PLANTED_WANDB_KEY not in " ".join(tokens)
+    assert flags(tokens)["--run_name"] == "run-7" and flags(tokens)["--model_id"] == "org/m"
+    path.write_text(json.dumps({"input": {"args": {}, "credentials": {"aws_secret": "x"}}}))
+    with pytest.raises(ConfigFileError, match="unknown credential 'aws_secret'"):
+        expand_command_line([str(path)], train.ARGUMENT_GROUPS)
+
+
+# End to end: every shipped example trains the tiny model (a few steps).
+
+FEW_STEPS = ["--max_steps", "6", "--logging_steps", "2", "--dataloader_num_workers", "0"]
+
+
+def example_ok(example: str, tiny_llama, output_dir, *flags: str):
+    result = run_train(str(REPO / "examples" / example), "--model_id", str(tiny_llama), "--output_dir",
+                       str(output_dir), *FEW_STEPS, *flags)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert (output_dir / "model.safetensors").exists() and (output_dir / "adapter").is_dir()
+    assert "no equivalent" not in result.stderr + result.stdout  # the examples translate completely
+    return result, json.loads((output_dir / "run_args.json").read_text())
+
+
+def test_example_axolotl_qlora_trains(tiny_llama, tmp_path):
+    _, args = example_ok("axolotl_qlora_tiny.yaml", tiny_llama, tmp_path / "out", "--report_to", "none")
+    assert args["use_qlora"] is True and args["qlora_bit_length"] == 4 and args["lora_target_modules"] == "auto"
+    assert args["eval_data"] == "sample_data/chat_eval.jsonl" and args["max_length"] == 128
+    assert args["per_device_train_batch_size"] == 8 and args["learning_rate"] == 0.005
+
+
+def test_example_own_yaml_trains_and_writes_samples(tiny_llama, tmp_path):
+    _, args = example_ok("lora_tiny.yaml", tiny_llama, tmp_path / "out", "--report_to", "none")
+    assert args["use_lora"] is True and args["lora_r"] == 16 and args["train_data"] == "sample_data/completion.jsonl"
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(sample["prompt"].startswith("Q:") for sample in samples)
+
+
+def test_example_job_body_trains_without_leaking_credentials(tiny_llama, tmp_path):
+    body = json.loads((REPO / "examples" / "runpod_job.json").read_text())
+    body["input"]["credentials"] = {"hf_token": PLANTED_HF_TOKEN, "wandb_api_key": PLANTED_WANDB_KEY}
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(body))
+    out = tmp_path / "out"
+    result = run_train(str(job), "--model_id", str(tiny_llama), "--output_dir", str(out), *FEW_STEPS,
+                       "--report_to", "tensorboard")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert json.loads((out / "run_args.json").read_text())["run_name"] == "tiny-llama-lora"
+    written = b"".join(path.read_bytes() for path in out.rglob("*") if path.is_file())
+    assert b"tiny-llama-lora" in written  # the run's arguments reached the tracker (TensorBoard) and run_args.json
+    for secret in (PLANTED_HF_TOKEN, PLANTED_WANDB_KEY):
+        assert secret not in result.stdout + result.stderr
+        assert secret.encode() not in written
