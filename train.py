@@ -330,7 +330,7 @@ def main() -> None:
     if data_args.prepare_data_only:
         save_prepared_data(training_args, tokenizer, train_dataset, eval_dataset)
         return
-    train_dataset, eval_dataset = pack_datasets(
+    train_rows, eval_rows = pack_datasets(
         data_args, train_dataset, eval_dataset, max_length, rows_per_optimizer_step(training_args)
     )
 
@@ -344,7 +344,7 @@ def main() -> None:
     preemption = PreemptionCallback()
     watchdog = LossWatchdogCallback(training_args.loss_watchdog_threshold, training_args.loss_watchdog_patience)
     trainer = build_trainer(
-        model, tokenizer, training_args, data_args, train_dataset, eval_dataset, max_length, [preemption, watchdog]
+        model, tokenizer, training_args, data_args, train_rows, eval_rows, max_length, [preemption, watchdog]
     )
     with packed_attention(model, data_args.sample_packing):
         trainer.train(resume_from_checkpoint=resume_checkpoint)
