@@ -66,6 +66,8 @@ class Tracker:
 
     name = "tracker"
     run_label = ""
+    healthy = True  # False once a call failed every try, until one succeeds
+    ended = False
 
     def log_params(self, params: dict[str, str]) -> None:
         raise NotImplementedError
@@ -359,13 +361,9 @@ def start_tracker(model_args, data_args, lora_args, tracking_args, training_args
 
 
 def end_run(tracker: Tracker, status: str) -> None:
-    if getattr(tracker, "ended", False):
-        return
-    tracker.ended = True
-    try:
-        tracker.end(status)
-    except Exception as error:  # ending is best effort: the run's data is already logged
-        logger.warning("%s: could not mark the run %s: %s", tracker.name, status, mask_secrets(str(error)))
+    if not tracker.ended:
+        tracker.ended = True
+        run_with_retries(tracker, f"marking the run {status}", lambda: tracker.end(status), retry=False)
 
 
 # Resume from the tracker
@@ -410,7 +408,6 @@ class UploadWorker:
         self.tracker = tracker
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracker")
         self.pending: list[Future] = []
-        self.healthy = True
 
     def submit(self, description: str, call: Callable[[], None], retry: bool, cleanup: Callable[[], None] = None):
         self.pending = [f for f in self.pending if not f.done()]
@@ -418,7 +415,7 @@ class UploadWorker:
 
     def _run(self, description, call, retry, cleanup):
         try:
-            self.healthy = run_with_retries(self.tracker, description, call, retry and self.healthy)
+            run_with_retries(self.tracker, description, call, retry)
         finally:
             if cleanup:
                 cleanup()
@@ -431,15 +428,18 @@ class UploadWorker:
 
 
 def run_with_retries(tracker: Tracker, description: str, call: Callable[[], None], retry: bool) -> bool:
-    """Call, retrying after RETRY_DELAYS when `retry`; log a warning and return False when every try failed."""
-    delays = RETRY_DELAYS if retry else ()
+    """Call, retrying after RETRY_DELAYS when `retry` and the tracker is healthy; log a warning and return False
+    when every try failed."""
+    delays = RETRY_DELAYS if retry and tracker.healthy else ()
     for attempt in range(len(delays) + 1):
         try:
             call()
+            tracker.healthy = True
             return True
         except Exception as error:  # any failure of the tracker is reported, training goes on
             message = mask_secrets(str(error)).splitlines()[0] if str(error) else type(error).__name__
             if attempt == len(delays):
+                tracker.healthy = False
                 logger.warning("%s: %s failed (%s); training goes on without it.", tracker.name, description, message)
                 return False
             logger.info("%s: %s failed (%s); retrying in %.0f s.", tracker.name, description, message, delays[attempt])
@@ -482,9 +482,10 @@ class TrackingCallback(TrainerCallback):
             metrics.update(self._throughput(args, state))
         metrics.update(gpu_memory_metrics(args.world_size))
         if metrics:
+            step = state.global_step  # read now: the upload thread runs later, when the state has moved on
             self.worker.submit(
-                f"logging metrics at step {state.global_step}",
-                lambda: self.tracker.log_metrics(metrics, state.global_step),
+                f"logging metrics at step {step}",
+                lambda: self.tracker.log_metrics(metrics, step),
                 retry=False,
             )
 
