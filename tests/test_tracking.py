@@ -250,6 +250,8 @@ def test_truefoundry_run_is_tracked_and_resumes_from_the_ml_repo(tiny_llama, tmp
     flags = ["--mlfoundry_enable_reporting", "true", "--mlfoundry_ml_repo", "my-repo", "--report_to", "none",
              "--mlfoundry_run_name", "tfy-job"]  # fmt: skip
     first = tmp_path / "first"
+    first.mkdir()
+    (first / "samples.jsonl").write_text('{"prompt": "2 + 2", "generation": "4"}\n')  # as --sample_generations leaves
     output = train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(first),
                       "--max_steps", "6", *flags, *FAST, *SECRET_FLAGS, env=env)  # fmt: skip
     assert [c["run_name"] for c in fake_calls(store, "MlFoundry.create_run")] == ["tfy-job"]
@@ -262,6 +264,9 @@ def test_truefoundry_run_is_tracked_and_resumes_from_the_ml_repo(tiny_llama, tmp
     uploads = fake_calls(store, "MlFoundryRun.log_artifact")
     checkpoints = [c for c in uploads if c["name"] == "ckpt-tfy-job"]
     assert [c["step"] for c in checkpoints] == [3, 6]
+    files = {c["name"]: Path(c["artifact_paths"][0][0]).name for c in uploads if c not in checkpoints}
+    assert files == {"tfy-job-README": "README.md", "tfy-job-training-curves": "training_curves.png",
+                     "tfy-job-samples": "samples.jsonl"}  # fmt: skip
     [model] = fake_calls(store, "MlFoundryRun.log_model")
     assert model["name"] == "finetuned-tiny-llama" and model["framework"] == "transformers"
     assert {"config.json", "model.safetensors", "README.md", "training_curves.png"} <= set(model["files"])
