@@ -295,6 +295,15 @@ def tracking_problems(tracking_args, training_args) -> list[str]:
         )
     if tracking_args.mlflow_log_checkpoints and not uses_mlflow(training_args):
         problems.append("--mlflow_log_checkpoints true needs --report_to mlflow (add mlflow to the list).")
+    if (
+        uses_mlflow(training_args)
+        and training_args.cleanup_output_dir_on_start
+        and not os.environ.get("MLFLOW_TRACKING_URI")
+    ):
+        problems.append(
+            "--cleanup_output_dir_on_start true would delete the local MLflow store in --output_dir while the run "
+            "logs to it: set MLFLOW_TRACKING_URI (a server, or sqlite:////elsewhere/mlflow.db) or drop the flag."
+        )
     return problems
 
 
@@ -409,7 +418,7 @@ class UploadWorker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracker")
         self.pending: list[Future] = []
 
-    def submit(self, description: str, call: Callable[[], None], retry: bool, cleanup: Callable[[], None] = None):
+    def submit(self, description: str, call: Callable[[], None], retry: bool, cleanup: Callable | None = None):
         self.pending = [f for f in self.pending if not f.done()]
         self.pending.append(self.executor.submit(self._run, description, call, retry, cleanup))
 
@@ -472,6 +481,8 @@ class TrackingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
+        # Hard links left by a killed attempt would keep deleted checkpoints' disk space.
+        shutil.rmtree(Path(args.output_dir) / UPLOAD_STAGING, ignore_errors=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = {

@@ -297,10 +297,16 @@ def test_truefoundry_without_the_package_says_how_to_install_it(monkeypatch):
 # Options and masking
 
 
-def test_tracking_option_problems():
-    def problems(report_to, **tracking):
+def test_tracking_option_problems(monkeypatch):
+    def problems(report_to, cleanup=False, **tracking):
         defaults = {"mlfoundry_enable_reporting": False, "mlfoundry_ml_repo": None, "mlflow_log_checkpoints": False}
-        return tracking_problems(SimpleNamespace(**{**defaults, **tracking}), SimpleNamespace(report_to=report_to))
+        training = SimpleNamespace(report_to=report_to, cleanup_output_dir_on_start=cleanup)
+        return tracking_problems(SimpleNamespace(**{**defaults, **tracking}), training)
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert "would delete the local MLflow store" in problems(["mlflow"], cleanup=True)[0]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert problems(["mlflow"], cleanup=True) == []
 
     assert problems(["tensorboard", "mlflow"], mlflow_log_checkpoints=True) == []
     assert problems([], mlfoundry_enable_reporting=True, mlfoundry_ml_repo="repo") == []
