@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,18 +28,30 @@ class TrackingArguments:
     mlfoundry_log_checkpoints: bool = field(
         default=True, metadata={"help": "Upload every saved checkpoint to the ML repo (with reporting enabled)."}
     )
+    mlflow_experiment_name: str | None = field(
+        default=None,
+        metadata={"help": "MLflow experiment (--report_to mlflow). Default: MLFLOW_EXPERIMENT_NAME or llm-finetune."},
+    )
+    mlflow_run_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "MLflow run name. Default: TFY_INTERNAL_JOB_RUN_NAME or a timestamp. Keep it the same on every "
+            "attempt of a job so that --resume_from_checkpoint true can continue from the run's uploaded checkpoint."
+        },
+    )
+    mlflow_log_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "Upload every saved checkpoint to the MLflow run (with --report_to mlflow)."},
+    )
 
-    def unsupported_options(self) -> list[str]:
-        if self.mlfoundry_enable_reporting:
-            return [
-                "--mlfoundry_enable_reporting true: TrueFoundry reporting is not available in this version yet. "
-                "Set it to false; training metrics go to TensorBoard under --output_dir/runs."
-            ]
-        return []
+
+def secret_environment_values() -> list[str]:
+    """Values of environment variables whose name looks secret (short ones like 'false' are not secrets)."""
+    return [value for name, value in os.environ.items() if SECRET_NAME.search(name) and len(value) >= 8]
 
 
 def mask_secrets(value, name: str = ""):
-    """Hide values whose option name looks secret, and passwords inside URLs."""
+    """Hide values whose option name looks secret, passwords inside URLs, and secret environment variables' values."""
     if isinstance(value, dict):
         return {key: mask_secrets(item, key) for key, item in value.items()}
     if isinstance(value, list):
@@ -46,6 +59,8 @@ def mask_secrets(value, name: str = ""):
     if value is not None and SECRET_NAME.search(name):
         return MASK
     if isinstance(value, str):
+        for secret in secret_environment_values():
+            value = value.replace(secret, MASK)
         return URL_PASSWORD.sub(rf"\1:{MASK}@", value)
     return value
 

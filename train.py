@@ -71,6 +71,14 @@ from model_utils import (
     write_sample_generations,
 )
 from packing import packed_attention
+from tracking import (
+    TrackingError,
+    attach_tracker,
+    report_run,
+    restore_checkpoint_from_tracker,
+    start_tracker,
+    tracking_problems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +218,7 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def find_argument_problems(data_args, lora_args, tracking_args, training_args) -> list[str]:
-    problems = tracking_args.unsupported_options()
+    problems = tracking_problems(tracking_args, training_args)
     has_eval_data = data_args.eval_data != NO_EVAL_DATA or data_args.eval_size > 0
     if training_args.eval_strategy != "no" and not has_eval_data:
         problems.append("--eval_strategy needs evaluation data: pass --eval_data or an --eval_size > 0.")
@@ -251,14 +259,16 @@ def validate_args(data_args, lora_args, tracking_args, training_args) -> None:
         )
 
 
-def prepare_output_dir(training_args: FinetuneTrainingArguments) -> str | None:
-    """Clean and mark the output dir on the main process; return the checkpoint to resume from, if any."""
+def prepare_output_dir(training_args: FinetuneTrainingArguments, tracker=None) -> str | None:
+    """Clean and mark the output dir on the main process (fetching the tracker's newest checkpoint when resuming
+    with none here); return the checkpoint to resume from, if any."""
     state = PartialState()
     if state.is_main_process:
         if training_args.cleanup_output_dir_on_start:
             cleanup_output_dir(training_args.output_dir)
         mark_output_dir(training_args.output_dir)
         remove_incomplete_checkpoints(training_args.output_dir)
+        restore_checkpoint_from_tracker(tracker, training_args)
     state.wait_for_everyone()
     return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
@@ -317,6 +327,7 @@ def main() -> None:
     model_args, data_args, lora_args, tracking_args, training_args = parse_args()
     setup_logging(training_args)
     validate_args(data_args, lora_args, tracking_args, training_args)
+    tracker = start_tracker(model_args, data_args, lora_args, tracking_args, training_args)
 
     # Read, validate and tokenize the data (or reuse the cached result): before any model weight is loaded.
     model_config = load_model_config(model_args)
@@ -335,7 +346,7 @@ def main() -> None:
     )
 
     # Build the model
-    resume_checkpoint = prepare_output_dir(training_args)
+    resume_checkpoint = prepare_output_dir(training_args, tracker)
     apply_memory_limit(training_args)
     set_seed(training_args.seed)  # the LoRA matrices and any new embedding rows are drawn from it
     model = load_model(model_args, lora_args, training_args, tokenizer)
@@ -346,6 +357,7 @@ def main() -> None:
     trainer = build_trainer(
         model, tokenizer, training_args, data_args, train_rows, eval_rows, max_length, [preemption, watchdog]
     )
+    attach_tracker(trainer, tracker, tracking_args)
     with packed_attention(model, data_args.sample_packing):
         trainer.train(resume_from_checkpoint=resume_checkpoint)
     raise_if_stopped_early(preemption, watchdog)
@@ -358,13 +370,14 @@ def main() -> None:
             write_sample_generations(trainer.model, tokenizer, eval_dataset, train_dataset, training_args)
         if not training_args.keep_checkpoints:
             remove_intermediate_checkpoints(output_dir)
+        report_run(tracker, trainer, (model_args, data_args, lora_args, training_args), train_dataset, eval_dataset)
     logger.info("Fine-tuned model saved in %s.", output_dir)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ArgumentError, ConfigFileError, DataError, ModelLoadError, OutputDirError) as error:
+    except (ArgumentError, ConfigFileError, DataError, ModelLoadError, OutputDirError, TrackingError) as error:
         logger.error("%s", error)
         sys.exit(2)
     except TrainingStopped as stop:

@@ -72,7 +72,9 @@ def test_valid_defaults_have_no_problems(monkeypatch):
 @pytest.mark.parametrize(
     ("flags", "problem"),
     [
-        (["--mlfoundry_enable_reporting", "true"], "--mlfoundry_enable_reporting true: TrueFoundry reporting is not"),
+        (["--mlfoundry_enable_reporting", "true"], "--mlfoundry_enable_reporting true needs --mlfoundry_ml_repo"),
+        (["--report_to", "mlflow", "--mlfoundry_enable_reporting", "true", "--mlfoundry_ml_repo", "r"], "pick one"),
+        (["--mlflow_log_checkpoints", "true"], "--mlflow_log_checkpoints true needs --report_to mlflow"),
         (["--eval_size", "0"], "--eval_strategy needs evaluation data"),
         (["--eval_strategy", "no", "--early_stopping_patience", "2"], "--early_stopping_patience needs evaluation"),
         (["--use_lora", "true", "--lora_target_modules", "q_proj"], "--lora_target_modules must be 'auto' or a JSON"),
