@@ -49,6 +49,7 @@ from data_utils import (
     training_columns,
     write_prepared_data,
 )
+from engine_utils import check_memory_fits, engine_problems, init_deepspeed_comm
 from mlfoundry_utils import TrackingArguments, save_run_arguments
 from model_utils import (
     LoraArguments,
@@ -137,11 +138,9 @@ class FinetuneTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.deepspeed:
-            # Checked before TrainingArguments imports DeepSpeed, which is not a dependency yet.
-            raise ArgumentError(
-                "--deepspeed: DeepSpeed is not available in this version yet; drop the flag (DDP works)."
-            )
+        if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
+            if not os.path.isfile(self.deepspeed):  # checked before TrainingArguments reads it
+                raise ArgumentError(f"--deepspeed {self.deepspeed}: no such file; see deepspeed_configs/.")
         self.include_num_input_tokens_seen = {"true": "all", "false": "no"}.get(
             self.include_num_input_tokens_seen.lower(), self.include_num_input_tokens_seen
         )
@@ -198,8 +197,9 @@ def find_argument_problems(data_args, lora_args, tracking_args, training_args) -
     if launched > 1 and training_args.world_size == 1:
         problems.append(
             f"{launched} processes were launched, but without a GPU each would train its own unsynchronised copy "
-            "of the model. Add --use_cpu true to train them together on CPU (gloo)."
+            "of the model. Add --use_cpu true to train them together on CPU (gloo; DDP or DeepSpeed)."
         )
+    problems += engine_problems(lora_args, training_args)
     if lora_args.use_peft:
         try:
             parse_target_modules(lora_args.lora_target_modules)
@@ -298,8 +298,10 @@ def main() -> None:
         return
 
     # Build the model
+    check_memory_fits(model_config, model_args, lora_args, training_args, max_length)
     resume_checkpoint = prepare_output_dir(training_args)
     apply_memory_limit(training_args)
+    init_deepspeed_comm(training_args)
     set_seed(training_args.seed)  # the LoRA matrices and any new embedding rows are drawn from it
     model = load_model(model_args, lora_args, training_args, tokenizer)
 
