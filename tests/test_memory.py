@@ -169,3 +169,31 @@ def test_engine_refusals(tmp_path, monkeypatch):
 def test_a_missing_deepspeed_config_is_an_argument_error(tmp_path):
     with pytest.raises(train.ArgumentError, match="--deepspeed nope.json: no such file"):
         training_args(tmp_path, deepspeed="nope.json")
+
+
+def test_auto_find_batch_size_halves_the_batch_on_out_of_memory(tiny_llama, tmp_path):
+    """A model that runs out of memory above 2 samples: the Trainer retries with 8, then 4, then trains with 2."""
+    from transformers import AutoTokenizer
+
+    from data_utils import DataArguments, load_prepared_datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    data_args = DataArguments(train_data=str(REPO / "sample_data" / "chat.jsonl"), max_num_samples=16, eval_size=0,
+                              data_cache_dir="none")  # fmt: skip
+    train_dataset, _ = load_prepared_datasets(data_args, tokenizer, 128, 42)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    batch_sizes, forward = [], model.forward
+
+    def forward_with_small_memory(input_ids=None, **kwargs):
+        batch_sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+        return forward(input_ids=input_ids, **kwargs)
+
+    model.forward = forward_with_small_memory
+    args = training_args(tmp_path, auto_find_batch_size=True, per_device_train_batch_size=8, max_steps=2,
+                         save_strategy="no", eval_strategy="no", logging_steps=1)  # fmt: skip
+    trainer = train.build_trainer(model, tokenizer, args, data_args, train_dataset, None, 128, [])
+    trainer.train()
+    assert batch_sizes[0] == 8 and 4 in batch_sizes and batch_sizes[-1] == 2
+    assert trainer.state.global_step == 2 and trainer._train_batch_size == 2
