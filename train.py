@@ -138,7 +138,7 @@ class FinetuneTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        if isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
+        if self.deepspeed and isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
             if not os.path.isfile(self.deepspeed):  # checked before TrainingArguments reads it
                 raise ArgumentError(f"--deepspeed {self.deepspeed}: no such file; see deepspeed_configs/.")
         self.include_num_input_tokens_seen = {"true": "all", "false": "no"}.get(

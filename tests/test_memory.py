@@ -166,11 +166,6 @@ def test_engine_refusals(tmp_path, monkeypatch):
     assert detect_engine(training_args(tmp_path)).kind == "fsdp"
 
 
-def test_a_missing_deepspeed_config_is_an_argument_error(tmp_path):
-    with pytest.raises(train.ArgumentError, match="--deepspeed nope.json: no such file"):
-        training_args(tmp_path, deepspeed="nope.json")
-
-
 def test_auto_find_batch_size_halves_the_batch_on_out_of_memory(tiny_llama, tmp_path):
     """A model that runs out of memory above 2 samples: the Trainer retries with 8, then 4, then trains with 2."""
     from transformers import AutoTokenizer
