@@ -139,8 +139,8 @@ def engine_problems(lora_args: LoraArguments, training_args: TrainingArguments) 
         )
     if fsdp_requested(training_args) and not torch.cuda.is_available():
         problems.append(
-            "FSDP needs GPUs: accelerate enables it only for multi-GPU runs (accelerate/state.py), so on CPU it would "
-            "silently train as DDP. Use DDP (--use_ddp true --use_cpu true) or DeepSpeed on CPU."
+            "FSDP needs GPUs: accelerate's FSDP plugin requires an accelerator device and stops with 'no available "
+            "devices found' on CPU. Use DDP (--use_ddp true --use_cpu true) or DeepSpeed on CPU."
         )
     if (
         lora_args.use_qlora
