@@ -13,6 +13,10 @@ One GPU, QLoRA (scripts/single_gpu_qlora.sh):
 
 Several GPUs on one machine, DDP (scripts/multi_gpu_ddp.sh):
     accelerate launch --multi_gpu --num_processes 8 train.py --use_ddp true --model_id ... --train_data ...
+
+DeepSpeed ZeRO-3 (scripts/deepspeed_zero3_full.sh; configs in deepspeed_configs/) and FSDP (scripts/fsdp.sh):
+    accelerate launch --use_deepspeed --num_processes 8 train.py --deepspeed deepspeed_configs/5_ds_z3_config.json ...
+    accelerate launch --config_file accelerate_configs/fsdp_full_shard.yaml --num_processes 8 train.py ...
 """
 
 import copy
