@@ -4,11 +4,13 @@ limits, the final save and merge, and generation from a saved model."""
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate.utils import convert_file_size_to_int
 from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 from transformers import (
@@ -21,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     TrainingArguments,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.utils import is_flash_attn_2_available
 
 from data_utils import IGNORE_INDEX
@@ -52,6 +56,14 @@ class ModelArguments:
         metadata={
             "help": 'Special tokens to set on the tokenizer, as a JSON object, e.g. \'{"pad_token": "<|pad|>"}\'. '
             "New tokens grow the embeddings (train them with --lora_modules_to_save under LoRA)."
+        },
+    )
+    max_memory_per_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Memory one process may use on its device, e.g. 70GiB or 20000 (MiB): the budget the memory "
+            "estimate is checked against before loading (on CPU too), and the per-GPU cap when one process spreads "
+            "a model over several GPUs."
         },
     )
 
@@ -188,6 +200,12 @@ def weights_dtype(training_args: TrainingArguments, lora_args: LoraArguments) ->
     return compute_dtype(training_args)
 
 
+def shards_weights(training_args: TrainingArguments) -> bool:
+    """DeepSpeed ZeRO-3 or FSDP: the engine places (and partitions) the weights, not from_pretrained."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
+    return fsdp or (bool(training_args.deepspeed) and is_deepspeed_zero3_enabled())
+
+
 def quantization_config(lora_args: LoraArguments, training_args: TrainingArguments) -> BitsAndBytesConfig | None:
     if not lora_args.use_qlora:
         return None
@@ -198,6 +216,9 @@ def quantization_config(lora_args: LoraArguments, training_args: TrainingArgumen
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype(training_args),
+        # ZeRO-3 and FSDP shard tensors of one dtype: the packed 4-bit weights are stored in the weights' dtype
+        # (https://huggingface.co/docs/peft/accelerate/fsdp#use-peft-qlora-and-fsdp-for-finetuning-large-models).
+        bnb_4bit_quant_storage=weights_dtype(training_args, lora_args) if shards_weights(training_args) else None,
     )
 
 
@@ -211,12 +232,20 @@ def attention_implementation(model_args: ModelArguments) -> str:
 
 def device_map(training_args: TrainingArguments) -> dict | str | None:
     """One process on several GPUs spreads the layers over them ('auto'), so bigger models fit; under DDP each
-    process keeps a whole copy on its own GPU. On CPU the Trainer places the model."""
-    if not torch.cuda.is_available():
+    process keeps a whole copy on its own GPU. On CPU the Trainer places the model, under ZeRO-3 / FSDP the engine."""
+    if not torch.cuda.is_available() or shards_weights(training_args):
         return None
     if training_args.world_size == 1 and torch.cuda.device_count() > 1:
         return "auto"
     return {"": training_args.local_process_index}
+
+
+def max_memory(model_args: ModelArguments, training_args: TrainingArguments) -> dict | None:
+    """--max_memory_per_device caps every GPU when one process spreads the model over them."""
+    if not model_args.max_memory_per_device or device_map(training_args) != "auto":
+        return None
+    size = parse_memory_size(model_args.max_memory_per_device)
+    return {index: size for index in range(torch.cuda.device_count())}
 
 
 def load_model(
@@ -231,6 +260,7 @@ def load_model(
         quantization_config=quantization_config(lora_args, training_args),
         attn_implementation=attention_implementation(model_args),
         device_map=device_map(training_args),
+        max_memory=max_memory(model_args, training_args),
         **hub_kwargs(model_args),
     )
     resize_embeddings_for_tokenizer(model, tokenizer)
@@ -340,6 +370,20 @@ def parse_memory_limit(value: str) -> float:
     return limit
 
 
+def parse_memory_size(value: str) -> int:
+    """Bytes from '70GiB', '20000MB', ... or a plain number of MiB."""
+    try:
+        return int(float(value) * 2**20)
+    except ValueError:
+        pass
+    try:
+        return convert_file_size_to_int(value)
+    except ValueError as error:
+        raise ValueError(f"--max_memory_per_device {value!r}: expected e.g. 70GiB, 20000MB or a number of MiB.") from (
+            error
+        )
+
+
 def apply_memory_limit(training_args: TrainingArguments) -> None:
     """Honour TORCH_PER_PROCESS_MEMORY_LIMIT on this process's GPU."""
     value = os.environ.get(MEMORY_LIMIT_ENV)
@@ -371,6 +415,20 @@ def load_adapter_model(
     )
     resize_embeddings_for_tokenizer(base, tokenizer)
     return PeftModel.from_pretrained(base, adapter_dir)
+
+
+@contextmanager
+def without_zero3_init(training_args: TrainingArguments):
+    """Under ZeRO-3 transformers partitions every model it builds across all processes (a collective call); a
+    model built by one process alone, or an empty one, must skip that."""
+    if not training_args.deepspeed:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(training_args.hf_deepspeed_config)
 
 
 def merge_adapter(
@@ -498,7 +556,10 @@ def save_final_model(
     trainer.save_state()
     if trainer.is_world_process_zero():
         if merge:
-            merged = merge_adapter(model_args, str(output_dir / ADAPTER_SUBDIR), tokenizer, compute_dtype(trainer.args))
+            with without_zero3_init(trainer.args):
+                merged = merge_adapter(
+                    model_args, str(output_dir / ADAPTER_SUBDIR), tokenizer, compute_dtype(trainer.args)
+                )
             merged.save_pretrained(output_dir)
             logger.info("Merged the adapter into %s.", model_args.model_id)
         tokenizer.save_pretrained(output_dir)

@@ -18,6 +18,10 @@ One GPU, QLoRA (scripts/single_gpu_qlora.sh):
 
 Several GPUs on one machine, DDP (scripts/multi_gpu_ddp.sh):
     accelerate launch --multi_gpu --num_processes 8 train.py --use_ddp true --model_id ... --train_data ...
+
+DeepSpeed ZeRO-3 (scripts/deepspeed_zero3_full.sh; configs in deepspeed_configs/) and FSDP (scripts/fsdp.sh):
+    accelerate launch --use_deepspeed --num_processes 8 train.py --deepspeed deepspeed_configs/5_ds_z3_config.json ...
+    accelerate launch --config_file accelerate_configs/fsdp_full_shard.yaml --num_processes 8 train.py ...
 """
 
 import copy
@@ -56,6 +60,7 @@ from data_utils import (
     training_columns,
     write_prepared_data,
 )
+from engine_utils import check_memory_fits, engine_problems, init_deepspeed_comm
 from mlfoundry_utils import TrackingArguments, save_run_arguments
 from model_utils import (
     LoraArguments,
@@ -176,11 +181,9 @@ class FinetuneTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.deepspeed:
-            # Checked before TrainingArguments imports DeepSpeed, which is not a dependency yet.
-            raise ArgumentError(
-                "--deepspeed: DeepSpeed is not available in this version yet; drop the flag (DDP works)."
-            )
+        if self.deepspeed and isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
+            if not os.path.isfile(self.deepspeed):  # checked before TrainingArguments reads it
+                raise ArgumentError(f"--deepspeed {self.deepspeed}: no such file; see deepspeed_configs/.")
         self.include_num_input_tokens_seen = {"true": "all", "false": "no"}.get(
             self.include_num_input_tokens_seen.lower(), self.include_num_input_tokens_seen
         )
@@ -240,9 +243,10 @@ def find_argument_problems(data_args, lora_args, tracking_args, training_args) -
     if launched > 1 and training_args.world_size == 1:
         problems.append(
             f"{launched} processes were launched, but without a GPU each would train its own unsynchronised copy "
-            "of the model. Add --use_cpu true to train them together on CPU (gloo)."
+            "of the model. Add --use_cpu true to train them together on CPU (gloo; DDP or DeepSpeed)."
         )
     problems += peft_option_problems(lora_args)
+    problems += engine_problems(lora_args, training_args)
     return problems
 
 
@@ -346,8 +350,10 @@ def main() -> None:
     )
 
     # Build the model
+    check_memory_fits(model_config, model_args, lora_args, training_args, max_length)
     resume_checkpoint = prepare_output_dir(training_args, tracker)
     apply_memory_limit(training_args)
+    init_deepspeed_comm(training_args)
     set_seed(training_args.seed)  # the LoRA matrices and any new embedding rows are drawn from it
     model = load_model(model_args, lora_args, training_args, tokenizer)
 

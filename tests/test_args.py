@@ -91,9 +91,12 @@ def test_all_problems_are_reported_together(monkeypatch):
     assert len(problems) == 2
 
 
-def test_deepspeed_is_refused_until_supported(monkeypatch):
-    with pytest.raises(train.ArgumentError, match="--deepspeed: DeepSpeed is not available"):
+def test_deepspeed_config_must_exist(monkeypatch):
+    with pytest.raises(train.ArgumentError, match="--deepspeed ds.json: no such file; see deepspeed_configs/"):
         parse(monkeypatch, "--model_id", "m", "--train_data", "d", "--deepspeed", "ds.json")
+    config = str(REPO / "deepspeed_configs" / "3_ds_z2_config.json")
+    args = parse(monkeypatch, "--model_id", "m", "--train_data", "d", "--deepspeed", config, "--use_cpu", "true")
+    assert args["training"].hf_deepspeed_config.config["zero_optimization"]["stage"] == 2
 
 
 def test_every_option_has_help():
