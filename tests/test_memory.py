@@ -19,7 +19,7 @@ from engine_utils import (
     estimate_memory,
     model_shape,
 )
-from model_utils import LoraArguments, ModelArguments, lora_config, parse_memory_size
+from model_utils import LoraArguments, ModelArguments, parse_memory_size, peft_config
 
 DEEPSPEED_CONFIGS = sorted((REPO / "deepspeed_configs").glob("*.json"))
 # Llama-3.1-8B's shape (config.json on the Hub), built on the meta device: no weights are allocated.
@@ -45,7 +45,7 @@ def test_model_shape_counts_match_the_real_model_and_adapter(tiny_llama, tmp_pat
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
     assert shape.linear == linear
     assert shape.num_layers == 2 and shape.largest_layer == sum(p.numel() for p in model.model.layers[0].parameters())
-    adapted = get_peft_model(model, lora_config(lora_args))
+    adapted = get_peft_model(model, peft_config(lora_args, model.config.model_type))
     assert shape.lora == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
 
 
