@@ -200,18 +200,19 @@ def test_mlflow_server_stopped_mid_training_lets_training_complete(tiny_llama, t
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if "Tracking to MLflow" in line:
-            stop(server)  # the run exists and has its params; everything after this point fails
+        if "'loss': " in line:
+            stop(server)  # training is under way: the metrics, uploads and model logging after this point fail
             break
     lines.extend(process.stdout)
     output = "".join(lines)
     assert process.wait(timeout=600) == 0, output[-6000:]
     assert list(out.glob("*.safetensors")) and (out / "README.md").is_file()
-    assert "uploading checkpoint-3 failed" in output and "logging the model failed" in output
+    assert "uploading checkpoint-6 failed" in output and "logging the model failed" in output
     assert "training goes on without it" in output and "Traceback" not in output
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the stopped server's store, read directly
     [run] = client.search_runs([client.get_experiment_by_name("llm-finetune").experiment_id])
-    assert run.data.params["max_steps"] == "6" and "loss" not in run.data.metrics
+    assert run.data.params["max_steps"] == "6"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) < 6  # the later steps never reached it
 
 
 @pytest.mark.parametrize("backend", ["mlflow", "truefoundry"])
