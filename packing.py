@@ -89,6 +89,16 @@ def packing_efficiency(lengths: list[int], max_length: int, rows: list[list[int]
     return float(sum(lengths)) / (len(rows) * max_length) if rows else 0.0
 
 
+def rows_efficiency(rows: Dataset, max_length: int) -> float:
+    """packing_efficiency of a packed dataset, from its rows' lengths."""
+    lengths = rows["length"]
+    return float(sum(lengths)) / (len(lengths) * max_length) if len(lengths) else 0.0
+
+
+def is_packed(dataset: Dataset | None) -> bool:
+    return dataset is not None and "num_samples" in dataset.column_names
+
+
 def pack_rows(batch: dict, indices: list[list[int]]) -> dict:
     """Concatenate the samples of each row: the first label of each sample masked, position_ids restarting at 0."""
     output = {"input_ids": [], "labels": [], "position_ids": [], "length": [], "num_trained": [], "num_samples": []}

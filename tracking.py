@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from checkpoint_utils import COMPLETE_MARKER, checkpoint_dirs, is_complete
 from data_utils import NO_EVAL_DATA
 from mlfoundry_utils import mask_secrets, run_arguments
+from packing import is_packed, rows_efficiency
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +368,18 @@ def start_tracker(model_args, data_args, lora_args, tracking_args, training_args
     # A run that stops early (preemption, watchdog, crash) is marked failed; a finished run has ended already.
     atexit.register(end_run, tracker, "FAILED")
     return tracker
+
+
+def log_packing_efficiency(tracker: Tracker | None, max_length: int, **splits) -> None:
+    """Params train_packing_efficiency / eval_packing_efficiency (real tokens / rows x max_length) of the packed
+    splits."""
+    params = {
+        f"{name}_packing_efficiency": f"{rows_efficiency(rows, max_length):.4f}"
+        for name, rows in splits.items()
+        if is_packed(rows)
+    }
+    if tracker is not None and params:
+        run_with_retries(tracker, "logging the packing efficiency", lambda: tracker.log_params(params), retry=False)
 
 
 def end_run(tracker: Tracker, status: str) -> None:

@@ -79,6 +79,7 @@ from packing import packed_attention
 from tracking import (
     TrackingError,
     attach_tracker,
+    log_packing_efficiency,
     report_run,
     restore_checkpoint_from_tracker,
     start_tracker,
@@ -348,6 +349,7 @@ def main() -> None:
     train_rows, eval_rows = pack_datasets(
         data_args, train_dataset, eval_dataset, max_length, rows_per_optimizer_step(training_args)
     )
+    log_packing_efficiency(tracker, max_length, train=train_rows, eval=eval_rows)
 
     # Build the model
     check_memory_fits(model_config, model_args, lora_args, training_args, max_length)

@@ -3,6 +3,7 @@ TrueFoundry back end against a recorded fake of the `truefoundry.ml` client (tes
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(tiny_llama, t
     output = train_ok(
         "--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(first), "--max_steps", "6",
         "--report_to", "mlflow", "--mlflow_log_checkpoints", "true", "--mlflow_run_name", "job-1", *FAST,
-        *SECRET_FLAGS, env=env,
+        "--sample_packing", "true", *SECRET_FLAGS, env=env,
     )  # fmt: skip
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("resume-test")
@@ -142,6 +143,9 @@ def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(tiny_llama, t
     assert params["learning_rate"] == "0.003" and params["model_id"] == str(tiny_llama) and params["max_steps"] == "6"
     assert params["run_name"] == f"https://user:{MASK}@example.com/run" and "hub_token" not in params
     assert len(params) < 100  # not all of TrainingArguments
+    for split in ("train", "eval"):  # the efficiency that the start-up log reports
+        logged = re.search(rf"Packing {split}: .* packing efficiency ([\d.]+)%", output).group(1)
+        assert f"{100 * float(params[f'{split}_packing_efficiency']):.1f}" == logged
     files = [(first / name).read_text() for name in ("run_args.json", "README.md")]
     assert_no_secret(json.dumps(params), json.dumps(run.data.tags), output, *files)
     assert json.loads((first / "run_args.json").read_text())["hub_token"] == MASK
@@ -176,7 +180,7 @@ def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(tiny_llama, t
     output = train_ok(
         "--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(second), "--max_steps", "9",
         "--report_to", "mlflow", "--mlflow_log_checkpoints", "true", "--mlflow_run_name", "job-1",
-        "--resume_from_checkpoint", "true", *FAST, env=env,
+        "--resume_from_checkpoint", "true", *FAST, "--sample_packing", "true", env=env,
     )  # fmt: skip
     assert "Downloaded checkpoint-6 from MLflow" in output
     assert logged_steps(second) == list(range(1, 10))  # the checkpoint's history, then steps 7 to 9
