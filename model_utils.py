@@ -523,15 +523,19 @@ def sample_generations(
     return samples
 
 
-def write_sample_generations(
+def answer_sample_prompts(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_dataset, train_dataset, args
-) -> Path:
-    """--sample_generations: the trained model's answers to evaluation prompts in <output_dir>/samples.jsonl."""
+) -> list[dict]:
+    """--sample_generations: the trained model's answers to evaluation prompts (training prompts without eval data).
+    Run it on every rank: with ZeRO-3 / FSDP each forward pass gathers weights from all of them."""
     dataset = eval_dataset
     if dataset is None:
         logger.info("--sample_generations: no evaluation data; answering training prompts instead.")
         dataset = train_dataset
-    samples = sample_generations(model, tokenizer, dataset, args.sample_generations, args.sample_max_new_tokens)
+    return sample_generations(model, tokenizer, dataset, args.sample_generations, args.sample_max_new_tokens)
+
+
+def write_sample_generations(samples: list[dict], args) -> Path:
     path = Path(args.output_dir) / SAMPLES_FILE
     path.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
     logger.info("Wrote %d sample generation(s) to %s.", len(samples), path)

@@ -66,6 +66,7 @@ from model_utils import (
     LoraArguments,
     ModelArguments,
     ModelLoadError,
+    answer_sample_prompts,
     apply_memory_limit,
     load_model,
     load_model_config,
@@ -372,10 +373,12 @@ def main() -> None:
 
     # Save
     output_dir = save_final_model(trainer, model_args, lora_args, tokenizer)
+    if training_args.sample_generations:
+        samples = answer_sample_prompts(trainer.model, tokenizer, eval_dataset, train_dataset, training_args)
     if trainer.is_world_process_zero():
         save_run_arguments(output_dir, model_args, data_args, lora_args, tracking_args, training_args)
         if training_args.sample_generations:
-            write_sample_generations(trainer.model, tokenizer, eval_dataset, train_dataset, training_args)
+            write_sample_generations(samples, training_args)
         if not training_args.keep_checkpoints:
             remove_intermediate_checkpoints(output_dir)
         report_run(tracker, trainer, (model_args, data_args, lora_args, training_args), train_dataset, eval_dataset)

@@ -1,6 +1,7 @@
 """Several processes on CPU (gloo) through the real entry point: DDP, DeepSpeed ZeRO-2 / ZeRO-3 and two "machines"
 log the loss of one process on the same global batch; only the main process writes the model."""
 
+import json
 import os
 import socket
 import subprocess
@@ -72,7 +73,7 @@ def test_deepspeed_zero3_qlora_saves_a_trained_adapter_and_a_merged_model(tiny_l
     hold the trained values, not the empty partitions of rank 0."""
     out = tmp_path / "zero3-qlora"
     result = run(deepspeed_launch_command(), "--model_id", str(tiny_llama), "--output_dir", str(out), *FAST,
-                 *TWO_PROCESSES, "--use_qlora", "true", "--learning_rate", "0.005",
+                 *TWO_PROCESSES, "--use_qlora", "true", "--learning_rate", "0.005", "--sample_generations", "2",
                  "--deepspeed", str(REPO / "deepspeed_configs" / "5_ds_z3_config.json"))  # fmt: skip
     assert "DeepSpeed ZeRO-3, 2 processes; QLoRA" in result.stdout
     losses = logged_losses(out)
@@ -82,6 +83,9 @@ def test_deepspeed_zero3_qlora_saves_a_trained_adapter_and_a_merged_model(tiny_l
     assert lora_b and all(tensor.numel() > 0 and tensor.abs().max() > 0 for tensor in lora_b)  # B starts at zero
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert getattr(merged.config, "quantization_config", None) is None
+    # Generating from partitioned weights needs every rank in each forward pass, not the main process alone.
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(sample["prompt"] and sample["reference"] for sample in samples)
 
 
 def free_port() -> int:
