@@ -1,13 +1,18 @@
 """Scale-out engines (DDP, DeepSpeed ZeRO, FSDP): option checks, and the per-device memory estimate that is printed,
 and checked against the memory limit, before any weight is loaded."""
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM, PretrainedConfig, TrainingArguments
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.error import NoMatchingPeftModuleError
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
 from model_utils import (
@@ -18,7 +23,7 @@ from model_utils import (
     compute_dtype,
     parse_memory_limit,
     parse_memory_size,
-    parse_target_modules,
+    peft_config,
     weights_dtype,
     without_zero3_init,
 )
@@ -178,8 +183,9 @@ class ModelShape:
 
     total: int  # every parameter, tied ones once
     linear: int  # weights of the linear layers bitsandbytes quantizes (all but the output head)
-    lora: int  # parameters of the LoRA adapters that the chosen target modules would get
-    lora_inputs_per_layer: int  # input features summed over the adapted linears of one decoder layer
+    adapter: int  # parameters PEFT trains: the adapters and the --lora_modules_to_save copies (0 without PEFT)
+    module_copies: int  # parameters of the --lora_modules_to_save copies (held beside the frozen originals)
+    lora_inputs_per_layer: int  # input features summed over the LoRA-adapted linears of one decoder layer
     largest_layer: int  # parameters of the largest decoder layer (what ZeRO-3 / FSDP gather at once)
     num_layers: int
     hidden_size: int
@@ -194,49 +200,67 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
 
 
-def is_lora_target(name: str, targets: str | list[str]) -> bool:
-    if targets == "all-linear":
-        return True
-    return any(name == target or name.endswith("." + target) for target in targets)
-
-
 def model_shape(
     config: PretrainedConfig, model_args: ModelArguments, lora_args: LoraArguments, training_args: TrainingArguments
 ) -> ModelShape:
     with without_zero3_init(training_args), init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
-    head = model.get_output_embeddings()
-    targets = parse_target_modules(lora_args.lora_target_modules)
-    linear = lora = 0
-    first_layer = None
-    layers = decoder_layers(model)
-    if layers:
-        first_layer = {id(module) for module in layers[0].modules()}
-    lora_inputs = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear | Conv1D) or module is head:
-            continue
-        in_features, out_features = (
-            module.weight.shape[::-1] if isinstance(module, torch.nn.Linear) else (module.weight.shape)
+        total = sum(p.numel() for p in model.parameters())
+        head = model.get_output_embeddings()
+        linear = sum(
+            module.weight.numel()
+            for module in model.modules()
+            if isinstance(module, torch.nn.Linear | Conv1D) and module is not head
         )
-        linear += module.weight.numel()
-        if is_lora_target(name, targets):
-            lora += lora_args.lora_r * (in_features + out_features)
-            if first_layer is not None and id(module) in first_layer:
-                lora_inputs += in_features
+        layers = decoder_layers(model)
+        largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
+        if lora_args.use_peft:
+            adapter, module_copies, lora_inputs = adapter_shape(model, lora_args, layers[0] if layers else None)
+        else:
+            adapter = module_copies = lora_inputs = 0
     text_config = config.get_text_config()
     hidden = text_config.hidden_size
     return ModelShape(
-        total=sum(p.numel() for p in model.parameters()),
+        total=total,
         linear=linear,
-        lora=lora,
+        adapter=adapter,
+        module_copies=module_copies,
         lora_inputs_per_layer=lora_inputs,
-        largest_layer=max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0),
+        largest_layer=largest_layer,
         num_layers=len(layers) or text_config.num_hidden_layers,
         hidden_size=hidden,
         intermediate_size=getattr(text_config, "intermediate_size", None) or 4 * hidden,
         vocab_size=text_config.vocab_size,
     )
+
+
+def adapter_shape(
+    model: PreTrainedModel, lora_args: LoraArguments, first_layer: torch.nn.Module | None
+) -> tuple[int, int, int]:
+    """(trainable parameters, --lora_modules_to_save copies, LoRA input features of one decoder layer), counted by
+    applying the run's PEFT config (LoRA, DoRA or IA3) to the meta-device model: exactly what training will get."""
+    try:
+        adapted = get_peft_model(model, peft_config(lora_args, model.config.model_type))
+    except NoMatchingPeftModuleError:
+        head = model.get_output_embeddings()
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear | Conv1D) and module is not head})  # fmt: skip
+        raise ModelLoadError(
+            f"--lora_target_modules {lora_args.lora_target_modules}: no such module in this "
+            f"{model.config.model_type} model. Its linear layers are {json.dumps(names)}; pass some of them as a "
+            "JSON list, or 'auto' for all of them."
+        ) from None
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    copies = sum(
+        p.numel()
+        for module in adapted.modules()
+        if isinstance(module, ModulesToSaveWrapper)
+        for p in module.modules_to_save.parameters()
+    )
+    lora_inputs = sum(
+        module.in_features for module in (first_layer.modules() if first_layer else []) if isinstance(module, LoraLayer)
+    )
+    return trainable, copies, lora_inputs
 
 
 def optimizer_state_bytes(optim: str, param_bytes: int) -> float:
@@ -289,7 +313,8 @@ def estimate_memory(
         weights = shape.linear * per_weight + (shape.total - shape.linear) * 4
     else:
         weights = shape.total * weight_bytes
-    trainable = shape.lora if lora_args.use_peft else shape.total
+    weights += shape.module_copies * (4 if lora_args.use_qlora else weight_bytes)
+    trainable = shape.adapter if lora_args.use_peft else shape.total
     trainable_bytes = 4 if lora_args.use_peft else weight_bytes  # PEFT keeps adapters in fp32
     gradients = trainable * trainable_bytes
     optim = getattr(training_args.optim, "value", training_args.optim)

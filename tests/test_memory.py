@@ -19,7 +19,7 @@ from engine_utils import (
     estimate_memory,
     model_shape,
 )
-from model_utils import LoraArguments, ModelArguments, parse_memory_size, peft_config
+from model_utils import LoraArguments, ModelArguments, ModelLoadError, parse_memory_size, peft_config
 
 DEEPSPEED_CONFIGS = sorted((REPO / "deepspeed_configs").glob("*.json"))
 # Llama-3.1-8B's shape (config.json on the Hub), built on the meta device: no weights are allocated.
@@ -34,8 +34,17 @@ def training_args(tmp_path, **kwargs) -> train.FinetuneTrainingArguments:
     return train.FinetuneTrainingArguments(**{**defaults, **kwargs})
 
 
-def test_model_shape_counts_match_the_real_model_and_adapter(tiny_llama, tmp_path):
-    lora_args = LoraArguments(use_lora=True, lora_r=8)
+@pytest.mark.parametrize(
+    "lora_args",
+    [
+        LoraArguments(use_lora=True, lora_r=8),
+        LoraArguments(use_lora=True, lora_r=8, use_dora=True),
+        LoraArguments(use_lora=True, peft_method="ia3"),
+        LoraArguments(use_lora=True, lora_r=8, lora_modules_to_save='["embed_tokens", "lm_head"]'),
+    ],
+    ids=["lora", "dora", "ia3", "modules_to_save"],
+)
+def test_model_shape_counts_match_the_real_model_and_adapter(tiny_llama, tmp_path, lora_args):
     shape = model_shape(
         AutoModelForCausalLM.from_pretrained(tiny_llama).config, ModelArguments(str(tiny_llama)), lora_args,
         training_args(tmp_path),
@@ -45,8 +54,18 @@ def test_model_shape_counts_match_the_real_model_and_adapter(tiny_llama, tmp_pat
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
     assert shape.linear == linear
     assert shape.num_layers == 2 and shape.largest_layer == sum(p.numel() for p in model.model.layers[0].parameters())
+    saved = model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    assert shape.module_copies == (saved if lora_args.lora_modules_to_save else 0)
+    layer_inputs = sum(m.in_features for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    assert shape.lora_inputs_per_layer == (0 if lora_args.peft_method == "ia3" else layer_inputs)
     adapted = get_peft_model(model, peft_config(lora_args, model.config.model_type))
-    assert shape.lora == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert shape.adapter == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+
+
+def test_unknown_lora_target_is_refused_before_loading_with_the_real_names(tmp_path):
+    lora_args = LoraArguments(use_lora=True, lora_target_modules='["query_key_value"]')
+    with pytest.raises(ModelLoadError, match=r'no such module in this llama model.*"down_proj", "gate_proj"'):
+        model_shape(LLAMA_8B, ModelArguments("llama"), lora_args, training_args(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +80,7 @@ def llama_8b_shapes(tmp_path_factory):
 def test_llama_8b_shape(llama_8b_shapes):
     assert 8.0e9 < llama_8b_shapes[False].total < 8.1e9  # Llama-3.1-8B has 8.03B parameters
     # r=16 on q, k, v, o, gate, up, down of 32 layers: 42M parameters (PEFT reports 41,943,040)
-    assert llama_8b_shapes[True].lora == 41_943_040
+    assert llama_8b_shapes[True].adapter == 41_943_040
 
 
 def estimate(shape, engine, tmp_path, lora=None, **kwargs):
