@@ -200,18 +200,20 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
 
 
+def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The linear layers bitsandbytes quantizes and LoRA can adapt: every nn.Linear / Conv1D but the output head."""
+    head = model.get_output_embeddings()
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear | Conv1D) and module is not head]  # fmt: skip
+
+
 def model_shape(
     config: PretrainedConfig, model_args: ModelArguments, lora_args: LoraArguments, training_args: TrainingArguments
 ) -> ModelShape:
     with without_zero3_init(training_args), init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         total = sum(p.numel() for p in model.parameters())
-        head = model.get_output_embeddings()
-        linear = sum(
-            module.weight.numel()
-            for module in model.modules()
-            if isinstance(module, torch.nn.Linear | Conv1D) and module is not head
-        )
+        linear = sum(module.weight.numel() for _, module in quantizable_linears(model))
         layers = decoder_layers(model)
         largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
         if lora_args.use_peft:
@@ -242,9 +244,7 @@ def adapter_shape(
     try:
         adapted = get_peft_model(model, peft_config(lora_args, model.config.model_type))
     except NoMatchingPeftModuleError:
-        head = model.get_output_embeddings()
-        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                        if isinstance(module, torch.nn.Linear | Conv1D) and module is not head})  # fmt: skip
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in quantizable_linears(model)})
         raise ModelLoadError(
             f"--lora_target_modules {lora_args.lora_target_modules}: no such module in this "
             f"{model.config.model_type} model. Its linear layers are {json.dumps(names)}; pass some of them as a "

@@ -80,19 +80,18 @@ def split_rows_to_multiple(rows: list[list[int]], multiple: int) -> list[list[in
     return rows
 
 
-def packing_efficiency(lengths: list[int], max_length: int, rows: list[list[int]]) -> float:
-    """Real tokens / tokens computed when every row is padded to max_length: sum(lengths) / (len(rows) * max_length).
+def packing_efficiency(lengths: list[int], max_length: int, num_rows: int) -> float:
+    """Real tokens / tokens computed when every row is padded to max_length: sum(lengths) / (num_rows * max_length).
 
     It is the share of the rows' capacity that holds real tokens. Batches padded only to their longest row (the
     default) compute at most that many tokens, so the share of real tokens actually computed is at least this.
     """
-    return float(sum(lengths)) / (len(rows) * max_length) if rows else 0.0
+    return float(sum(lengths)) / (num_rows * max_length) if num_rows else 0.0
 
 
-def rows_efficiency(rows: Dataset, max_length: int) -> float:
-    """packing_efficiency of a packed dataset, from its rows' lengths."""
-    lengths = rows["length"]
-    return float(sum(lengths)) / (len(lengths) * max_length) if len(lengths) else 0.0
+def rows_efficiency(packed: Dataset, max_length: int) -> float:
+    """packing_efficiency of a packed dataset (its rows' lengths are the real tokens of each row)."""
+    return packing_efficiency(packed["length"], max_length, len(packed))
 
 
 def is_packed(dataset: Dataset | None) -> bool:
@@ -130,7 +129,7 @@ def pack_dataset(dataset: Dataset, max_length: int, split: str = "train", rows_m
     logger.info(
         "Packing %s: %d samples into %d rows of at most %d tokens; packing efficiency %.1f%% (real tokens / "
         "rows x max_length).",
-        split, len(lengths), len(rows), max_length, 100 * packing_efficiency(lengths, max_length, rows),
+        split, len(lengths), len(rows), max_length, 100 * packing_efficiency(lengths, max_length, len(rows)),
     )  # fmt: skip
     return packed
 

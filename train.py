@@ -373,11 +373,12 @@ def main() -> None:
 
     # Save
     output_dir = save_final_model(trainer, model_args, lora_args, tokenizer)
-    if training_args.sample_generations:
+    samples = None
+    if training_args.sample_generations:  # on every rank: ZeRO-3 / FSDP forward passes need all of them
         samples = answer_sample_prompts(trainer.model, tokenizer, eval_dataset, train_dataset, training_args)
     if trainer.is_world_process_zero():
         save_run_arguments(output_dir, model_args, data_args, lora_args, tracking_args, training_args)
-        if training_args.sample_generations:
+        if samples is not None:
             write_sample_generations(samples, training_args)
         if not training_args.keep_checkpoints:
             remove_intermediate_checkpoints(output_dir)
