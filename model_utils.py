@@ -265,6 +265,7 @@ def load_model(
     )
     resize_embeddings_for_tokenizer(model, tokenizer)
     if lora_args.use_qlora:
+        keep_cpu_inference_packing_off(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=training_args.activation_checkpointing,
@@ -275,6 +276,18 @@ def load_model(
         logger.info("%s targets: %s", model.peft_config["default"].peft_type.value, ", ".join(lora_target_names(model)))
         model.print_trainable_parameters()
     return model
+
+
+def keep_cpu_inference_packing_off(model: PreTrainedModel) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit weight for a bf16 CPU inference kernel on the first eval-mode forward (on
+    CPUs with AVX512-BF16) and never undoes it when training resumes; from then on no gradient flows through the
+    layer (`gemv_4bit` has no autograd kernel). Training and evaluation both keep the trainable dequantize + matmul
+    path instead. See README "Known issues"."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_target_names(model: PeftModel) -> list[str]:

@@ -1,0 +1,168 @@
+"""Gradients in every training mode against an independent reference: the same model holding the dequantized weights
+in fp32, with the same adapter weights, trained without activation checkpointing and without an evaluation pass."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
+from conftest import REPO, logged_losses, run_train
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainingArguments, set_seed
+
+from model_utils import LoraArguments, ModelArguments, load_model, peft_config, quantization_config
+
+# Dropout 0: a dropout mask is drawn from the RNG, which the reference model does not consume in the same order.
+ADAPTER = {"lora_r": 4, "lora_dropout": 0.0}
+MODES = {
+    "full": LoraArguments(),
+    "lora": LoraArguments(use_lora=True, **ADAPTER),
+    "qlora_4bit": LoraArguments(use_qlora=True, qlora_bit_length=4, **ADAPTER),
+    "qlora_8bit": LoraArguments(use_qlora=True, qlora_bit_length=8, **ADAPTER),
+    "dora": LoraArguments(use_lora=True, use_dora=True, **ADAPTER),
+}
+# Both sides run the same fp32 operations on the same weights; only the kernels' summation order may differ
+# (bitsandbytes scales the 8-bit rows in another order than the reference, checkpointing recomputes). A sum of
+# n ~ 100 fp32 terms is exact to about n * 1.2e-7 of its largest term, so 1e-5 of each gradient's largest entry
+# bounds rounding, while the bug it guards against gives a relative difference of about 1.
+RELATIVE_TOLERANCE = 1e-5
+TEXTS = ["The teacher reads a long letter in the garden.", "A small dog finds the blue door!"]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_llama) -> dict:
+    encoded = AutoTokenizer.from_pretrained(tiny_llama)(TEXTS, padding=True, return_tensors="pt")
+    labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
+    return {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask, "labels": labels}
+
+
+def training_args(tmp_path, checkpointing: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", activation_checkpointing=checkpointing
+    )
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight a quantized layer computes with in training, in fp32 (bitsandbytes' own formula)."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        return dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    codes = module.weight.CB if module.weight.CB is not None else module.state.CB
+    scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+    return codes.float().mul_(scales.unsqueeze(1).mul(1.0 / 127.0))
+
+
+def reference_model(model_dir, model: PreTrainedModel, lora_args: LoraArguments) -> PreTrainedModel:
+    """An fp32 copy of `model` built independently: plain layers holding the dequantized weights, the same adapter."""
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if not lora_args.use_peft:
+        return reference
+    layers = dict(reference.named_modules())
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
+            layers[name.removesuffix(".base_layer")].weight.data = dequantized_weight(module)
+    return get_peft_model(reference, peft_config(lora_args, reference.config.model_type))
+
+
+def randomize_adapters(*models: PreTrainedModel) -> None:
+    """The same random adapter weights in every model. PEFT starts B at zero, which would make A's gradient zero and
+    hide any error in the gradient flowing back through the frozen layers."""
+    generator = torch.Generator().manual_seed(1)
+    state = {name: torch.randn(value.shape, generator=generator) * 0.1
+             for name, value in models[0].state_dict().items() if "lora_" in name}  # fmt: skip
+    for model in models:
+        assert not model.load_state_dict(state, strict=False).unexpected_keys
+
+
+def gradients(model: PreTrainedModel, batch: dict, args: TrainingArguments, eval_first: bool) -> dict:
+    """One training step's gradients, with checkpointing enabled as the Trainer does and an optional eval pass first
+    (what --eval_on_start or an evaluation between steps does)."""
+    if args.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=args.activation_checkpointing_kwargs)
+    if eval_first:
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+    model.train()
+    model(**batch).loss.backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def relative_differences(model_dir, tmp_path, batch, mode, checkpointing, eval_first) -> dict[str, float]:
+    lora_args = MODES[mode]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    set_seed(0)
+    model = load_model(ModelArguments(str(model_dir)), lora_args, training_args(tmp_path, checkpointing), tokenizer)
+    reference = reference_model(model_dir, model, lora_args)
+    if lora_args.use_peft:
+        randomize_adapters(model, reference)
+    expected = gradients(reference, batch, training_args(tmp_path, False), eval_first=False)
+    actual = gradients(model, batch, training_args(tmp_path, checkpointing), eval_first)
+    assert actual.keys() == expected.keys() and expected
+    return {name: ((actual[name] - expected[name]).abs().max() / expected[name].abs().max()).item()
+            for name in expected}  # fmt: skip
+
+
+@pytest.mark.parametrize("eval_first", [False, True], ids=["no_eval", "eval_before_step"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_checkpointing", "checkpointing"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_equal_the_dequantized_fp32_reference(tiny_llama, tmp_path, batch, mode, checkpointing, eval_first):
+    differences = relative_differences(tiny_llama, tmp_path, batch, mode, checkpointing, eval_first)
+    worst = max(differences, key=differences.get)
+    assert differences[worst] <= RELATIVE_TOLERANCE, f"{worst}: relative difference {differences[worst]:.2e}"
+
+
+@pytest.mark.skipif(not has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
+def test_negative_control_without_the_fix_an_eval_pass_breaks_qlora_gradients(tiny_llama, tmp_path, batch, monkeypatch):
+    """With bitsandbytes' CPU inference repacking left on, the same check fails after an eval pass."""
+    monkeypatch.setattr("model_utils.keep_cpu_inference_packing_off", lambda model: None)
+    assert max(relative_differences(tiny_llama, tmp_path, batch, "qlora_4bit", False, False).values()) == 0
+    assert max(relative_differences(tiny_llama, tmp_path, batch, "qlora_4bit", False, True).values()) > 0.1
+
+
+# Through train.py
+
+# Dropout 0 here too: every DataLoader iterator draws its seed from the global RNG, so an evaluation shifts the
+# dropout masks of the steps after it (different samples of the same training, not different gradients).
+RUN = [
+    "--train_data", str(REPO / "sample_data" / "chat.jsonl"), "--max_steps", "20", "--per_device_train_batch_size", "4",
+    "--max_num_samples", "80", "--max_length", "128", "--learning_rate", "0.005", "--logging_steps", "1",
+    "--save_strategy", "no", "--report_to", "none", "--warmup_steps", "0", "--merge_adapters", "false",
+    "--lora_dropout", "0",
+]  # fmt: skip
+EVALUATED = ["--eval_data", str(REPO / "sample_data" / "chat_eval.jsonl"), "--eval_strategy", "steps",
+             "--eval_steps", "5", "--eval_on_start", "true"]  # fmt: skip
+NOT_EVALUATED = ["--eval_strategy", "no", "--eval_size", "0"]
+
+
+def write_dequantized_copy(model_dir, output_dir):
+    """The model with every quantizable linear replaced by its dequantized NF4 weights, in fp32."""
+    args = TrainingArguments(output_dir=str(output_dir), use_cpu=True, report_to="none")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization_config(LoraArguments(use_qlora=True), args)
+    )
+    copy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    layers = dict(copy.named_modules())
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            layers[name].weight.data = dequantized_weight(module)
+    copy.save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(output_dir)
+    return output_dir
+
+
+def losses_of_run(tmp_path, name: str, *args: str) -> list[float]:
+    output_dir = tmp_path / name
+    result = run_train("--output_dir", str(output_dir), *RUN, *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "silently incorrect" not in result.stdout + result.stderr
+    return logged_losses(output_dir)
+
+
+def test_qlora_losses_do_not_depend_on_evaluation_and_match_lora_on_the_dequantized_model(tiny_llama, tmp_path):
+    model = ["--model_id", str(tiny_llama), "--use_qlora", "true"]
+    evaluated = losses_of_run(tmp_path, "evaluated", *model, *EVALUATED)
+    plain = losses_of_run(tmp_path, "plain", *model, *NOT_EVALUATED)
+    dequantized = write_dequantized_copy(tiny_llama, tmp_path / "dequantized-model")
+    lora = losses_of_run(tmp_path, "lora", "--model_id", str(dequantized), "--use_lora", "true", *NOT_EVALUATED)
+    assert len(plain) == 20
+    torch.testing.assert_close(evaluated, plain, rtol=0, atol=1e-3)
+    torch.testing.assert_close(lora, plain, rtol=0, atol=1e-3)
