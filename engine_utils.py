@@ -13,7 +13,6 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.error import NoMatchingPeftModuleError
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, TrainingArguments
-from transformers.pytorch_utils import Conv1D
 
 from model_utils import (
     MEMORY_LIMIT_ENV,
@@ -21,9 +20,12 @@ from model_utils import (
     ModelArguments,
     ModelLoadError,
     compute_dtype,
+    lora_dropout,
     parse_memory_limit,
     parse_memory_size,
     peft_config,
+    qlora_weight_dtype,
+    quantizable_linears,
     weights_dtype,
     without_zero3_init,
 )
@@ -191,6 +193,9 @@ class ModelShape:
     hidden_size: int
     intermediate_size: int
     vocab_size: int
+    experts: int = 0  # parameters of fused MoE experts (3-D tensors bitsandbytes does not quantize)
+    qlora_unquantized_bytes: float = 0  # under QLoRA, bytes of every weight left unquantized (qlora_weight_dtype)
+    adapter_dropout: float = 0.0  # the LoRA dropout training applies (0 when fused experts are adapted)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -198,13 +203,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     if layers:
         return layers
     return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
-
-
-def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The linear layers bitsandbytes quantizes and LoRA can adapt: every nn.Linear / Conv1D but the output head."""
-    head = model.get_output_embeddings()
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear | Conv1D) and module is not head]  # fmt: skip
 
 
 def model_shape(
@@ -216,6 +214,9 @@ def model_shape(
         linear = sum(module.weight.numel() for _, module in quantizable_linears(model))
         layers = decoder_layers(model)
         largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
+        experts = sum(p.numel() for p in model.parameters() if p.ndim == 3)
+        unquantized = qlora_unquantized_bytes(model, training_args)
+        dropout = lora_dropout(lora_args, model)
         if lora_args.use_peft:
             adapter, module_copies, lora_inputs = adapter_shape(model, lora_args, layers[0] if layers else None)
         else:
@@ -233,7 +234,23 @@ def model_shape(
         hidden_size=hidden,
         intermediate_size=getattr(text_config, "intermediate_size", None) or 4 * hidden,
         vocab_size=text_config.vocab_size,
+        experts=experts,
+        qlora_unquantized_bytes=unquantized,
+        adapter_dropout=dropout,
     )
+
+
+def qlora_unquantized_bytes(model: PreTrainedModel, training_args: TrainingArguments) -> float:
+    """Bytes of the weights bitsandbytes leaves unquantized (all but the quantizable linears' weights), each in the
+    dtype the QLoRA dtype policy keeps it in."""
+    quantized = {id(module.weight) for _, module in quantizable_linears(model)}
+    seen, size = set(), 0
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) not in quantized | seen:
+                seen.add(id(param))
+                size += param.numel() * qlora_weight_dtype(module, training_args).itemsize
+    return size
 
 
 def adapter_shape(
@@ -242,7 +259,7 @@ def adapter_shape(
     """(trainable parameters, --lora_modules_to_save copies, LoRA input features of one decoder layer), counted by
     applying the run's PEFT config (LoRA, DoRA or IA3) to the meta-device model: exactly what training will get."""
     try:
-        adapted = get_peft_model(model, peft_config(lora_args, model.config.model_type))
+        adapted = get_peft_model(model, peft_config(lora_args, model))
     except NoMatchingPeftModuleError:
         names = sorted({name.rsplit(".", 1)[-1] for name, _ in quantizable_linears(model)})
         raise ModelLoadError(
@@ -309,8 +326,7 @@ def estimate_memory(
     weight_bytes = weights_dtype(training_args, lora_args).itemsize
     if lora_args.use_qlora:
         per_weight = NF4_BYTES_PER_WEIGHT if lora_args.qlora_bit_length == 4 else INT8_BYTES_PER_WEIGHT
-        # prepare_model_for_kbit_training casts the unquantized rest (embeddings, norms, head) to fp32.
-        weights = shape.linear * per_weight + (shape.total - shape.linear) * 4
+        weights = shape.linear * per_weight + shape.qlora_unquantized_bytes
     else:
         weights = shape.total * weight_bytes
     weights += shape.module_copies * (4 if lora_args.use_qlora else weight_bytes)
@@ -323,9 +339,15 @@ def estimate_memory(
         optimizer += trainable * 4  # DeepSpeed keeps an fp32 master copy of the trained weights
     parts = {}
     n = engine.world_size
-    parts["weights" + (" (sharded)" if engine.shards_params else "")] = (
-        0 if engine.offload_params else weights / n if engine.shards_params else weights
-    )
+    if lora_args.use_qlora and engine.kind == "deepspeed" and engine.zero_stage == 3:
+        # transformers does not use zero.Init for a quantized model: every process loads it whole, then DeepSpeed
+        # partitions it.
+        parts["weights (loaded whole, then partitioned)"] = weights
+    else:
+        experts = " (MoE experts unquantized)" if lora_args.use_qlora and shape.experts else ""
+        parts["weights" + experts + (" (sharded)" if engine.shards_params else "")] = (
+            0 if engine.offload_params else weights / n if engine.shards_params else weights
+        )
     if engine.shards_params:
         parts["gathered layers (2 at a time)"] = 2 * shape.largest_layer * compute_bytes
     parts["gradients" + (" (sharded)" if engine.shards_gradients else "")] = (
@@ -339,7 +361,7 @@ def estimate_memory(
     # Saved for backward per token in one decoder layer: norm inputs and outputs, q/k/v, attention output, the
     # MLP's gate, up, activation and product (flash / memory-efficient attention keeps no score matrix).
     layer_elements = 10 * h + 4 * i
-    if lora_args.use_peft and lora_args.lora_dropout > 0:
+    if lora_args.use_peft and shape.adapter_dropout > 0:
         layer_elements += shape.lora_inputs_per_layer  # each adapter keeps its dropped-out input
     if training_args.gradient_checkpointing:
         # Only each layer's input is kept; one layer's activations exist again while it is recomputed.
@@ -380,6 +402,25 @@ def memory_limit(model_args: ModelArguments, training_args: TrainingArguments) -
     return min(limits)
 
 
+def announce_moe_limits(shape: ModelShape, lora_args: LoraArguments, training_args: TrainingArguments) -> None:
+    """Before loading: what QLoRA and LoRA cannot do for this model's fused MoE experts."""
+    if lora_args.use_qlora and shape.experts:
+        logger.warning(
+            "QLoRA: bitsandbytes quantizes only linear layers; this model's fused expert weights (%.2fM parameters, "
+            "%.0f%% of the model) stay unquantized, in %s. The memory estimate below counts them so.",
+            shape.experts / 1e6,
+            100 * shape.experts / shape.total,
+            str(compute_dtype(training_args)).removeprefix("torch."),
+        )
+    if lora_args.use_peft and lora_args.peft_method == "lora" and shape.adapter_dropout != lora_args.lora_dropout:
+        logger.warning(
+            "--lora_dropout %s is not applied: the adapters on the fused MoE experts (PEFT lora.ParamWrapper) support "
+            "no dropout, so this adapter trains with dropout 0. To keep dropout, target linear layers only, e.g. "
+            '--lora_target_modules \'["q_proj", "k_proj", "v_proj", "o_proj"]\'.',
+            lora_args.lora_dropout,
+        )
+
+
 def check_memory_fits(
     model_config: PretrainedConfig,
     model_args: ModelArguments,
@@ -389,6 +430,7 @@ def check_memory_fits(
 ) -> MemoryEstimate:
     """Log the estimated peak memory per device and stop before loading when it exceeds the limit."""
     shape = model_shape(model_config, model_args, lora_args, training_args)
+    announce_moe_limits(shape, lora_args, training_args)
     estimate = estimate_memory(
         shape, detect_engine(training_args), lora_args, training_args, max_length, torch.cuda.is_available()
     )

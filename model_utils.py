@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 from accelerate.utils import convert_file_size_to_int
-from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 from transformers import (
     AutoConfig,
@@ -25,6 +25,7 @@ from transformers import (
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import is_flash_attn_2_available
 
 from data_utils import IGNORE_INDEX
@@ -266,13 +267,9 @@ def load_model(
     resize_embeddings_for_tokenizer(model, tokenizer)
     if lora_args.use_qlora:
         keep_cpu_inference_packing_off(model)
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=training_args.activation_checkpointing,
-            gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs,
-        )
+        prepare_quantized_model(model, training_args)
     if lora_args.use_peft:
-        model = get_peft_model(model, peft_config(lora_args, model.config.model_type))
+        model = get_peft_model(model, peft_config(lora_args, model))
         logger.info("%s targets: %s", model.peft_config["default"].peft_type.value, ", ".join(lora_target_names(model)))
         model.print_trainable_parameters()
     return model
@@ -290,9 +287,66 @@ def keep_cpu_inference_packing_off(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def is_norm(module: torch.nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def qlora_weight_dtype(module: torch.nn.Module, training_args: TrainingArguments) -> torch.dtype:
+    """The QLoRA dtype policy: the dtype a frozen, unquantized weight of `module` is kept in (the adapters PEFT adds
+    are fp32; the quantized linears compute in the compute dtype).
+
+    Norms stay in fp32 for stability, except under ZeRO-3 / FSDP, which flatten each layer's weights into one tensor
+    of a single dtype (the 4-bit weights are stored in the compute dtype there). Everything else - embeddings, output
+    head, MoE routers and the fused experts bitsandbytes cannot quantize - is kept in the compute dtype: in fp32 the
+    residual stream would run in fp32 (TRL's peft_module_casting_to_bf16 does the same)."""
+    if is_norm(module) and not shards_weights(training_args):
+        return torch.float32
+    return compute_dtype(training_args)
+
+
+def is_quantized(param: torch.Tensor) -> bool:
+    return type(param).__name__ in ("Params4bit", "Int8Params")
+
+
+def prepare_quantized_model(model: PreTrainedModel, training_args: TrainingArguments) -> None:
+    """Freeze the quantized base and cast its unquantized weights as `qlora_weight_dtype` says. Replaces PEFT's
+    prepare_model_for_kbit_training, which upcasts every unquantized weight to fp32: FSDP cannot flatten that beside
+    the 4-bit weights, and fp32 embeddings double the activation memory. The Trainer enables checkpointing."""
+    for module in model.modules():
+        dtype = qlora_weight_dtype(module, training_args)
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(False)
+            if param.is_floating_point() and not is_quantized(param):
+                param.data = param.data.to(dtype)
+    # Reentrant checkpointing only back-propagates into a layer whose input requires grad.
+    model.enable_input_require_grads()
+
+
+def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The linear layers bitsandbytes quantizes and LoRA can adapt: every nn.Linear / Conv1D but the output head."""
+    head = model.get_output_embeddings()
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear | Conv1D) and module is not head]  # fmt: skip
+
+
+def fused_expert_parameters(model: torch.nn.Module) -> list[str]:
+    """Names (e.g. gate_up_proj, down_proj) of the 3-D parameters that hold a MoE layer's experts, stacked, in
+    transformers 5 (Mixtral, Qwen3-MoE, ...). bitsandbytes quantizes only linear layers: these stay unquantized."""
+    return sorted({name.rsplit(".", 1)[-1] for name, param in model.named_parameters() if param.ndim == 3})
+
+
+def lora_dropout(lora_args: LoraArguments, model: torch.nn.Module) -> float:
+    """PEFT adapts fused expert parameters through lora.ParamWrapper, which has no dropout: with experts targeted the
+    adapter trains without dropout (check_memory_fits says so before loading)."""
+    experts_targeted = lora_args.lora_target_modules == AUTO_TARGET_MODULES and fused_expert_parameters(model)
+    return 0.0 if experts_targeted else lora_args.lora_dropout
+
+
 def lora_target_names(model: PeftModel) -> list[str]:
-    """The distinct layer names that received an adapter (e.g. q_proj, v_proj)."""
-    return sorted({name.rsplit(".", 1)[-1] for name in model.peft_config["default"].target_modules})
+    """The distinct layer and parameter names that received an adapter (e.g. q_proj, v_proj, gate_up_proj)."""
+    config = model.peft_config["default"]
+    targets = [*config.target_modules, *(getattr(config, "target_parameters", None) or [])]
+    return sorted({name.rsplit(".", 1)[-1] for name in targets})
 
 
 def resize_embeddings_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -346,7 +400,11 @@ def peft_option_problems(lora_args: LoraArguments) -> list[str]:
     return problems
 
 
-def peft_config(lora_args: LoraArguments, model_type: str) -> PeftConfig:
+def peft_config(lora_args: LoraArguments, model: torch.nn.Module) -> PeftConfig:
+    """The adapter for `model`. On a MoE model, --lora_target_modules auto adapts the attention's linear layers and
+    every expert (the fused expert parameters, one LoRA per expert), not the router, whose small weights decide the
+    routing: the usual choice for MoE fine-tuning (Unsloth, Axolotl)."""
+    model_type = model.config.model_type
     targets = parse_target_modules(lora_args.lora_target_modules)
     modules_to_save = parse_modules_to_save(lora_args.lora_modules_to_save)
     if lora_args.peft_method == "ia3":
@@ -360,12 +418,17 @@ def peft_config(lora_args: LoraArguments, model_type: str) -> PeftConfig:
             modules_to_save=modules_to_save,
             task_type="CAUSAL_LM",
         )
+    experts = fused_expert_parameters(model) if targets == "all-linear" else []
+    if experts:
+        # Explicit names: PEFT's "all-linear" on a transformers-5 MoE also adapts the router (a v4 compatibility rule).
+        targets = sorted({name.rsplit(".", 1)[-1] for name, _ in quantizable_linears(model)})
     return LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
+        lora_dropout=lora_dropout(lora_args, model),
         bias=lora_args.lora_bias,
         target_modules=targets,
+        target_parameters=experts or None,
         use_dora=lora_args.use_dora,
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",

@@ -58,7 +58,7 @@ def test_model_shape_counts_match_the_real_model_and_adapter(tiny_llama, tmp_pat
     assert shape.module_copies == (saved if lora_args.lora_modules_to_save else 0)
     layer_inputs = sum(m.in_features for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
     assert shape.lora_inputs_per_layer == (0 if lora_args.peft_method == "ia3" else layer_inputs)
-    adapted = get_peft_model(model, peft_config(lora_args, model.config.model_type))
+    adapted = get_peft_model(model, peft_config(lora_args, model))
     assert shape.adapter == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
 
 

@@ -18,9 +18,7 @@ from model_utils import (
 
 def auto_targets(model_dir) -> set[str]:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return set(
-        lora_target_names(get_peft_model(model, peft_config(LoraArguments(use_lora=True), model.config.model_type)))
-    )
+    return set(lora_target_names(get_peft_model(model, peft_config(LoraArguments(use_lora=True), model))))
 
 
 def test_auto_targets_every_linear_layer_of_llama_but_the_head(tiny_llama):

@@ -59,7 +59,7 @@ def reference_model(model_dir, model: PreTrainedModel, lora_args: LoraArguments)
     for name, module in model.base_model.model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
             layers[name.removesuffix(".base_layer")].weight.data = dequantized_weight(module)
-    return get_peft_model(reference, peft_config(lora_args, reference.config.model_type))
+    return get_peft_model(reference, peft_config(lora_args, reference))
 
 
 def randomize_adapters(*models: PreTrainedModel) -> None:
