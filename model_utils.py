@@ -618,30 +618,33 @@ def write_sample_generations(samples: list[dict], args) -> Path:
     return path
 
 
-def save_final_model(
-    trainer,
-    model_args: ModelArguments,
-    lora_args: LoraArguments,
-    tokenizer: PreTrainedTokenizerBase,
-) -> Path:
-    """Write the model a user loads with `from_pretrained(output_dir)`; returns that directory.
-
-    Every rank calls this (saving can be collective); only the main process merges and writes the rest.
-    """
+def save_trained_model(trainer, lora_args: LoraArguments) -> Path:
+    """Every rank: the collective save of what was trained (the adapter goes to --output_dir/adapter when it is merged
+    afterwards) and the trainer state. Returns --output_dir."""
     output_dir = Path(trainer.args.output_dir)
     merge = lora_args.use_peft and lora_args.merge_adapters
     # The Trainer turns the KV cache off for training; the saved model should generate with it.
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
     trainer.save_model(str(output_dir / ADAPTER_SUBDIR if merge else output_dir))
     trainer.save_state()
-    if trainer.is_world_process_zero():
-        if merge:
-            with without_zero3_init(trainer.args):
-                merged = merge_adapter(
-                    model_args, str(output_dir / ADAPTER_SUBDIR), tokenizer, compute_dtype(trainer.args)
-                )
-            merged.save_pretrained(output_dir)
-            logger.info("Merged the adapter into %s.", model_args.model_id)
-        tokenizer.save_pretrained(output_dir)
-    trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def write_final_model(
+    model_args: ModelArguments,
+    lora_args: LoraArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    training_args: TrainingArguments,
+) -> None:
+    """Main process only, after save_trained_model: merge the adapter into a fresh 16/32-bit base and write the model a
+    user loads with `from_pretrained(output_dir)`, with its tokenizer. Nothing here is collective, so the other ranks
+    can finish meanwhile: a long merge (a 70B model on CPU) keeps no rank waiting in a barrier it could time out in."""
+    output_dir = Path(training_args.output_dir)
+    if lora_args.use_peft and lora_args.merge_adapters:
+        with without_zero3_init(training_args):
+            merged = merge_adapter(
+                model_args, str(output_dir / ADAPTER_SUBDIR), tokenizer, compute_dtype(training_args)
+            )
+        merged.save_pretrained(output_dir)
+        logger.info("Merged the adapter into %s.", model_args.model_id)
+    tokenizer.save_pretrained(output_dir)

@@ -73,7 +73,8 @@ from model_utils import (
     load_tokenizer,
     model_max_positions,
     peft_option_problems,
-    save_final_model,
+    save_trained_model,
+    write_final_model,
     write_sample_generations,
 )
 from packing import packed_attention
@@ -371,12 +372,14 @@ def main() -> None:
         trainer.train(resume_from_checkpoint=resume_checkpoint)
     raise_if_stopped_early(preemption, watchdog)
 
-    # Save
-    output_dir = save_final_model(trainer, model_args, lora_args, tokenizer)
+    # Save: every rank takes part in the collective save and the generations (ZeRO-3 / FSDP forward passes need all
+    # of them); then only the main process merges and writes, while the others finish without waiting for it.
+    output_dir = save_trained_model(trainer, lora_args)
     samples = None
-    if training_args.sample_generations:  # on every rank: ZeRO-3 / FSDP forward passes need all of them
+    if training_args.sample_generations:
         samples = answer_sample_prompts(trainer.model, tokenizer, eval_dataset, train_dataset, training_args)
     if trainer.is_world_process_zero():
+        write_final_model(model_args, lora_args, tokenizer, training_args)
         save_run_arguments(output_dir, model_args, data_args, lora_args, tracking_args, training_args)
         if samples is not None:
             write_sample_generations(samples, training_args)

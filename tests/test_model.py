@@ -53,3 +53,32 @@ def test_memory_limit_is_a_fraction_or_mib(value, limit):
 def test_bad_memory_limit_is_refused(value):
     with pytest.raises(ValueError, match="TORCH_PER_PROCESS_MEMORY_LIMIT"):
         parse_memory_limit(value)
+
+
+def test_the_main_process_merges_without_any_collective_call(tiny_llama, tmp_path, monkeypatch):
+    """write_final_model runs on the main process alone after the others finished: a barrier in it would wait for
+    ranks that are gone (or, before, kept them waiting up to the 30-minute timeout during a long merge)."""
+    import accelerate
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
+    from model_utils import ADAPTER_SUBDIR, write_final_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(target_modules=["q_proj"]))
+    torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
+    model.save_pretrained(tmp_path / ADAPTER_SUBDIR)
+
+    def collective(*args, **kwargs):
+        raise AssertionError("a collective call while the main process merges")
+
+    for target in (torch.distributed, accelerate.PartialState, accelerate.Accelerator):
+        name = "barrier" if target is torch.distributed else "wait_for_everyone"
+        monkeypatch.setattr(target, name, collective)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    tokenizer = load_tokenizer(ModelArguments(model_id=str(tiny_llama)))
+    write_final_model(ModelArguments(model_id=str(tiny_llama)), LoraArguments(use_lora=True), tokenizer, args)
+    ids = torch.tensor([[1, 5, 17, 42]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, atol=1e-4, rtol=1e-4)

@@ -6,9 +6,11 @@ import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
 from conftest import REPO, logged_losses, run_train
-from peft import get_peft_model
+from peft import get_peft_model, prepare_model_for_kbit_training
+from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainingArguments, set_seed
 
+from engine_utils import model_shape
 from model_utils import LoraArguments, ModelArguments, load_model, peft_config, quantization_config
 
 # Dropout 0: a dropout mask is drawn from the RNG, which the reference model does not consume in the same order.
@@ -166,3 +168,65 @@ def test_qlora_losses_do_not_depend_on_evaluation_and_match_lora_on_the_dequanti
     assert len(plain) == 20
     torch.testing.assert_close(evaluated, plain, rtol=0, atol=1e-3)
     torch.testing.assert_close(lora, plain, rtol=0, atol=1e-3)
+
+
+# The QLoRA dtype policy, single device and sharded (FSDP / ZeRO-3)
+
+
+def fsdp_unit_dtypes(model: PreTrainedModel) -> dict[str, set[torch.dtype]]:
+    """The dtypes of the parameters each FSDP unit would flatten together, with the auto-wrap policy the Trainer gives
+    FSDP for a PEFT model (transformers update_fsdp_plugin_peft): one unit per decoder layer, one per trainable adapter
+    leaf, and the root holding the rest."""
+    policy = fsdp_auto_wrap_policy(model)
+    units = {name for name, module in model.named_modules() if policy(module=module, recurse=False, nonwrapped_numel=0)}
+    dtypes = {}
+    for name, param in model.named_parameters():
+        unit = max((unit for unit in units if name.startswith(unit + ".")), key=len, default="")
+        dtypes.setdefault(unit, set()).add(param.dtype)
+    return dtypes
+
+
+def sharded_bf16_args(tmp_path, monkeypatch) -> TrainingArguments:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp...yaml` sets
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=True)
+
+
+def test_sharded_qlora_has_one_dtype_per_fsdp_unit(tiny_llama, tmp_path, monkeypatch):
+    args = sharded_bf16_args(tmp_path, monkeypatch)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = load_model(ModelArguments(str(tiny_llama)), LoraArguments(use_qlora=True), args, tokenizer)
+    dtypes = fsdp_unit_dtypes(model)
+    layers = {f"base_model.model.model.layers.{index}" for index in (0, 1)}
+    assert {unit for unit in dtypes if "lora_" not in unit} == {"", *layers}
+    assert all(len(unit_dtypes) == 1 for unit_dtypes in dtypes.values()), dtypes
+    assert dtypes[""] == dtypes["base_model.model.model.layers.0"] == {torch.bfloat16}  # 4-bit storage included
+    # Negative control: PEFT's prepare_model_for_kbit_training upcasts the norms beside the bf16-stored 4-bit weights.
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_llama, dtype=torch.bfloat16, quantization_config=quantization_config(LoraArguments(use_qlora=True), args)
+    )
+    upcast = get_peft_model(prepare_model_for_kbit_training(base), peft_config(LoraArguments(use_lora=True), base))
+    assert fsdp_unit_dtypes(upcast)["base_model.model.model.layers.0"] == {torch.bfloat16, torch.float32}
+
+
+def test_single_device_qlora_keeps_norms_and_adapters_in_fp32_and_the_rest_in_bf16(tiny_llama, tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = load_model(ModelArguments(str(tiny_llama)), LoraArguments(use_qlora=True), args, tokenizer)
+    base = model.base_model.model
+    assert {p.dtype for n, p in model.named_parameters() if "norm" in n} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert base.get_input_embeddings().weight.dtype == base.lm_head.weight.dtype == torch.bfloat16
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.uint8  # NF4 in the default storage
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single_device", "sharded"])
+def test_memory_estimate_counts_unquantized_weights_as_loaded(tiny_llama, tmp_path, monkeypatch, sharded):
+    args = sharded_bf16_args(tmp_path, monkeypatch) if sharded else TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=True
+    )  # fmt: skip
+    lora_args = LoraArguments(use_qlora=True)
+    model = load_model(ModelArguments(str(tiny_llama)), lora_args, args, AutoTokenizer.from_pretrained(tiny_llama))
+    loaded = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                 if "lora_" not in n and p.dtype != torch.uint8 and not n.endswith("base_layer.weight"))  # fmt: skip
+    shape = model_shape(model.config, ModelArguments(str(tiny_llama)), lora_args, args)
+    assert shape.qlora_unquantized_bytes == loaded
