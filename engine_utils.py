@@ -20,6 +20,7 @@ from model_utils import (
     ModelArguments,
     ModelLoadError,
     compute_dtype,
+    is_fused_experts,
     lora_dropout,
     parse_memory_limit,
     parse_memory_size,
@@ -214,7 +215,7 @@ def model_shape(
         linear = sum(module.weight.numel() for _, module in quantizable_linears(model))
         layers = decoder_layers(model)
         largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
-        experts = sum(p.numel() for p in model.parameters() if p.ndim == 3)
+        experts = sum(p.numel() for p in model.parameters() if is_fused_experts(p))
         unquantized = qlora_unquantized_bytes(model, training_args)
         dropout = lora_dropout(lora_args, model)
         if lora_args.use_peft:

@@ -329,10 +329,15 @@ def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modu
             if isinstance(module, torch.nn.Linear | Conv1D) and module is not head]  # fmt: skip
 
 
+def is_fused_experts(param: torch.Tensor) -> bool:
+    """transformers 5 stacks a MoE layer's experts into 3-D parameters (Mixtral, Qwen3-MoE, ...); bitsandbytes
+    quantizes only linear layers, so these stay unquantized."""
+    return param.ndim == 3
+
+
 def fused_expert_parameters(model: torch.nn.Module) -> list[str]:
-    """Names (e.g. gate_up_proj, down_proj) of the 3-D parameters that hold a MoE layer's experts, stacked, in
-    transformers 5 (Mixtral, Qwen3-MoE, ...). bitsandbytes quantizes only linear layers: these stay unquantized."""
-    return sorted({name.rsplit(".", 1)[-1] for name, param in model.named_parameters() if param.ndim == 3})
+    """Names of the fused expert parameters, e.g. gate_up_proj, down_proj."""
+    return sorted({name.rsplit(".", 1)[-1] for name, param in model.named_parameters() if is_fused_experts(param)})
 
 
 def lora_dropout(lora_args: LoraArguments, model: torch.nn.Module) -> float:
