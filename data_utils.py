@@ -30,6 +30,8 @@ from datasets.fingerprint import Hasher
 from huggingface_hub.constants import HF_HOME
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+import chat_masks
+from chat_masks import ChatMaskError, chat_text_and_spans, masked_samples
 from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records, mask_url
 from packing import IGNORE_INDEX, PackedCollator, pack_dataset
 
@@ -82,6 +84,14 @@ class DataArguments:
         metadata={
             "help": "Jinja chat template (the template itself or a file holding it) that replaces the tokenizer's. "
             "A tokenizer without one gets a ChatML-style default whose turns end with EOS."
+        },
+    )
+    chat_template_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra variables for every chat template render, as a JSON object, e.g. "
+            "'{\"enable_thinking\": false}' for Qwen3 without thinking. A data source's own chat_template_kwargs "
+            "win over these."
         },
     )
     default_system_message: str | None = field(
@@ -159,7 +169,7 @@ class DataArguments:
 
 # One Arrow schema for every shape, so mixed files make one table. Chats are kept as JSON text: messages may carry
 # tool calls of any structure.
-EMPTY_ROW = {"kind": None, "messages": None, "prompt": None, "completion": None, "text": None,
+EMPTY_ROW = {"kind": None, "messages": None, "tools": None, "prompt": None, "completion": None, "text": None,
              "input_ids": None, "labels": None}  # fmt: skip
 
 
@@ -189,21 +199,36 @@ def string_field_problem(record: dict, key: str, required: bool = True, non_empt
     return None
 
 
-def chat_problem(messages) -> str | None:
+def chat_problem(messages, tools=None) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "'messages' must be a non-empty list of {'role', 'content'} objects"
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools)):
+        return "'tools' must be a list of objects (JSON schemas of the functions)"
     for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"messages[{index}] must be an object, got {type(message).__name__}"
-        if message.get("role") not in CHAT_ROLES:
-            return f"messages[{index}] has role {message.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}"
-        tool_call = message["role"] == "assistant" and message.get("tool_calls") and message.get("content") is None
-        if not tool_call and not isinstance(message.get("content"), str):
-            return f"messages[{index}].content must be a string, got {type(message.get('content')).__name__}"
+        problem = message_problem(message, index)
+        if problem:
+            return problem
     if messages[-1]["role"] != "assistant":
         return "the chat does not end with an assistant turn"
     if not any(m.get("content") or m.get("tool_calls") for m in messages if m["role"] == "assistant"):
         return "no assistant turn has content: there is nothing to train on"
+    return None
+
+
+def message_problem(message, index: int) -> str | None:
+    if not isinstance(message, dict):
+        return f"messages[{index}] must be an object, got {type(message).__name__}"
+    if message.get("role") not in CHAT_ROLES:
+        return f"messages[{index}] has role {message.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}"
+    tool_calls = message.get("tool_calls")
+    calls_ok = isinstance(tool_calls, list) and all(isinstance(call, dict) for call in tool_calls)
+    if tool_calls is not None and (message["role"] != "assistant" or not calls_ok):
+        return f"messages[{index}].tool_calls must be a list of objects, on an assistant message"
+    # An assistant turn that only calls tools may have `content: null` (the OpenAI shape).
+    if not (tool_calls and message.get("content") is None) and not isinstance(message.get("content"), str):
+        return f"messages[{index}].content must be a string, got {type(message.get('content')).__name__}"
+    if message.get("reasoning_content") is not None and not isinstance(message["reasoning_content"], str):
+        return f"messages[{index}].reasoning_content must be a string"
     return None
 
 
@@ -257,9 +282,10 @@ def normalize_prompt_completion(record: dict) -> dict | str:
                        "completion": record["completion"]}  # fmt: skip
 
 
-def normalize_chat(messages: Any) -> dict | str:
-    problem = chat_problem(messages)
-    return problem or {**EMPTY_ROW, "kind": "chat", "messages": json.dumps(messages, ensure_ascii=False)}
+def normalize_chat(messages: Any, tools: Any = None) -> dict | str:
+    problem = chat_problem(messages, tools)
+    return problem or {**EMPTY_ROW, "kind": "chat", "messages": json.dumps(messages, ensure_ascii=False),
+                       "tools": json.dumps(tools, ensure_ascii=False) if tools else None}  # fmt: skip
 
 
 def normalize_sharegpt(record: dict) -> dict | str:
@@ -295,7 +321,7 @@ def normalize_tokenized(record: dict) -> dict | str:
 
 NORMALIZERS = {
     "prompt_completion": normalize_prompt_completion,
-    "chat": lambda record: normalize_chat(record["messages"]),
+    "chat": lambda record: normalize_chat(record["messages"], record.get("tools")),
     "sharegpt": normalize_sharegpt,
     "alpaca": normalize_alpaca,
     "text": normalize_text,
@@ -389,70 +415,37 @@ def apply_chat_template_option(tokenizer: PreTrainedTokenizerBase, args: DataArg
         tokenizer.chat_template = template
 
 
-# Tokenization with loss masks
+# Tokenization with loss masks: each sample is one text and its trained character spans, tokenized once (the masking
+# rule and the chat-template handling live in chat_masks.py).
 
 
-def chat_segments(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
-    """Split a rendered chat into (text, trained) pieces: each assistant content with its end-of-turn token is trained.
-
-    Each assistant turn starts where the conversation before it, rendered with the generation prompt, ends; so any
-    template that renders a prefix of a chat as a prefix of the whole (ChatML, Llama-3, Mistral, ...) gets an exact
-    mask, with one render per assistant turn plus one of the whole chat.
-    """
-    full = render_chat(tokenizer, messages, add_generation_prompt=False)
-    turn_starts = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
-    prefixes = [render_chat(tokenizer, messages[:index], add_generation_prompt=True) for index in turn_starts]
-    segments, position = [], 0
-    for turn, (index, prefix) in enumerate(zip(turn_starts, prefixes, strict=True)):
-        start = len(prefix)
-        end = len(prefixes[turn + 1]) if turn + 1 < len(prefixes) else len(full)
-        if start < position or not full.startswith(prefix):
-            raise DataError(
-                "the chat template does not render a conversation prefix as a prefix of the whole; "
-                "loss masks cannot be built exactly. Use a template without history rewriting."
-            )
-        segments.append((full[position:start], False))
-        turn_segments = assistant_turn_segments(full[start:end], messages[index].get("content") or "", tokenizer)
-        segments.extend(turn_segments)
-        position = end
-    if full[position:]:
-        segments.append((full[position:], False))
-    return [segment for segment in segments if segment[0]]
+def parse_template_kwargs(value: str | None, where: str) -> dict:
+    """--chat_template_kwargs, or a row's chat_template_kwargs column: a JSON object (or nothing)."""
+    if not value:
+        return {}
+    try:
+        kwargs = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: chat_template_kwargs is not valid JSON ({error}): {value!r}") from None
+    if not isinstance(kwargs, dict):
+        raise DataError(f"{where}: chat_template_kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}'")
+    return kwargs
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
-    if not messages:
-        # Scaffolding before the first turn (e.g. the BOS token) is what an empty prefix renders to.
-        return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def assistant_turn_segments(turn: str, content: str, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
-    """Train the content and the end-of-turn token that follows it; mask the template's text around them."""
-    # Templates either keep the content as is or trim it (Llama-3); train exactly what they render.
-    rendered = content if content in turn else content.strip()
-    start = turn.find(rendered) if rendered else 0
-    if start < 0:
-        raise DataError(
-            "the chat template rewrites assistant content, so its tokens cannot be located for the loss mask."
-        )
-    end = start + len(rendered)
-    end_of_turn = first_special_token(turn[end:], tokenizer)
-    if end_of_turn is None:
-        # The template closes the turn with no special token: train the EOS so the model learns to stop.
-        return [(turn[:start], False), (turn[start:end] + tokenizer.eos_token, True), (turn[end:], False)]
-    trained_end = end + turn[end:].index(end_of_turn) + len(end_of_turn)
-    return [(turn[:start], False), (turn[start:trained_end], True), (turn[trained_end:], False)]
-
-
-def first_special_token(text: str, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    found = [(text.find(token), token) for token in tokenizer.all_special_tokens if token and token in text]
-    return min(found)[1] if found else None
-
-
-def prompt_completion_segments(prompt: str, completion: str, tokenizer, bos: str) -> list[tuple[str, bool]]:
-    """The prompt (after BOS, when the tokenizer uses one) is masked; the completion and EOS are trained."""
-    return [(bos + prompt, False), (completion + tokenizer.eos_token, True)]
+def record_text_and_spans(row: dict, tokenizer: PreTrainedTokenizerBase, bos: str, template_kwargs: dict):
+    """The text the model sees for a record, and the character spans of it that carry loss."""
+    if row["kind"] == "chat":
+        # A row's own kwargs (set per data source) win over --chat_template_kwargs.
+        kwargs = {**template_kwargs, **parse_template_kwargs(row.get("chat_template_kwargs"), row["source"])}
+        tools = json.loads(row["tools"]) if row.get("tools") else None
+        return chat_text_and_spans(tokenizer, json.loads(row["messages"]), tools, kwargs)
+    if row["kind"] == "text":
+        text = bos + row["text"] + tokenizer.eos_token
+        return text, [(0, len(text))]
+    # The prompt (after BOS, when the tokenizer uses one) is context; the completion and EOS are trained.
+    prompt = bos + row["prompt"]
+    text = prompt + row["completion"] + tokenizer.eos_token
+    return text, [(len(prompt), len(text))]
 
 
 def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -461,65 +454,44 @@ def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
     return tokenizer.bos_token if adds_bos else ""
 
 
-def tokenize_segments(
-    segments: list[tuple[str, bool]], token_ids: list[list[int]], train_on_prompt: bool
-) -> tuple[list[int], list[int]]:
-    input_ids, labels = [], []
-    for (_, trained), ids in zip(segments, token_ids, strict=True):
-        input_ids.extend(ids)
-        labels.extend(ids if trained or train_on_prompt else [IGNORE_INDEX] * len(ids))
-    return input_ids, labels
-
-
-def record_segments(row: dict, tokenizer: PreTrainedTokenizerBase, bos: str) -> list[tuple[str, bool]]:
-    if row["kind"] == "chat":
-        return chat_segments(json.loads(row["messages"]), tokenizer)
-    if row["kind"] == "text":
-        return [(bos + row["text"] + tokenizer.eos_token, True)]
-    return prompt_completion_segments(row["prompt"], row["completion"], tokenizer, bos)
-
-
-def check_token_ids(input_ids: list[int], vocab_size: int, source: str) -> None:
+def token_ids_problem(input_ids: list[int], vocab_size: int) -> str | None:
     if min(input_ids) < 0 or max(input_ids) >= vocab_size:
-        raise DataError(
-            f"{source}: 'input_ids' holds token ids outside the tokenizer's vocabulary (0..{vocab_size - 1}); "
+        return (
+            f"'input_ids' holds token ids outside the tokenizer's vocabulary (0..{vocab_size - 1}); "
             "was it tokenized with another tokenizer?"
         )
+    return None
 
 
-def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added. The Rust tokenizer is called directly when it gives the same
-    ids as the Python wrapper on the first texts: the wrapper's per-text conversion costs as much as tokenizing."""
-    if not texts:
-        return []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    probe = texts[:4]
-    if (
-        backend is None
-        or [e.ids for e in backend.encode_batch_fast(probe, add_special_tokens=False)]
-        != tokenizer(probe, add_special_tokens=False)["input_ids"]
-    ):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
-
-
-def tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool) -> dict:
-    """Render every record into segments, tokenize all segments of the batch in one call, then reassemble."""
+def tokenize_batch(
+    batch: dict, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool, template_kwargs: dict
+) -> dict:
+    """Render every record, tokenize the whole batch in one call, and label the trained spans. A record that cannot
+    be rendered or masked gets a `problem` (reported, or dropped with --skip_invalid_samples) and no tokens."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     bos = bos_prefix(tokenizer)
-    all_segments = [record_segments(row, tokenizer, bos) if row["kind"] != "tokenized" else [] for row in rows]
-    flat_texts = [text for segments in all_segments for text, _ in segments]
-    flat_ids = iter(encode_texts(tokenizer, flat_texts))
-    output = {"input_ids": [], "labels": [], "source": []}
-    for row, segments in zip(rows, all_segments, strict=True):
+    samples, problems = [], []
+    for row in rows:
+        sample, problem = ("", []), None
         if row["kind"] == "tokenized":
-            check_token_ids(row["input_ids"], len(tokenizer), row["source"])
-            input_ids, labels = row["input_ids"], row["labels"]
+            problem = token_ids_problem(row["input_ids"], len(tokenizer))
         else:
-            input_ids, labels = tokenize_segments(segments, [next(flat_ids) for _ in segments], train_on_prompt)
+            try:
+                sample = record_text_and_spans(row, tokenizer, bos, template_kwargs)
+            except ChatMaskError as error:
+                problem = str(error)
+        samples.append(sample)
+        problems.append(problem)
+    encoded = iter(masked_samples(tokenizer, samples, train_on_prompt))
+    output = {"input_ids": [], "labels": [], "source": [row["source"] for row in rows], "problem": problems}
+    for row, problem in zip(rows, problems, strict=True):
+        input_ids, labels = next(encoded)
+        if row["kind"] == "tokenized":
+            input_ids, labels = row["input_ids"], row["labels"]
+        if problem:
+            input_ids, labels = [], []
         output["input_ids"].append(input_ids)
         output["labels"].append(labels)
-        output["source"].append(row["source"])
     return {**output, **length_columns(output["labels"])}
 
 
@@ -531,23 +503,45 @@ def length_columns(labels: list[list[int]]) -> dict:
     }
 
 
-def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args: DataArguments) -> Dataset:
+def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args: DataArguments, split: str) -> Dataset:
     if "chat" in dataset.unique("kind") and not tokenizer.chat_template:
         logger.info("The tokenizer has no chat template; chats use the ChatML-style default (turns end with EOS).")
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    template_kwargs = parse_template_kwargs(args.chat_template_kwargs, "--chat_template_kwargs")
     try:
-        return dataset.map(
+        tokenized = dataset.map(
             tokenize_batch,
             batched=True,
             num_proc=tokenizing_processes(args, len(dataset)),
-            fn_kwargs={"tokenizer": tokenizer, "train_on_prompt": args.train_on_prompt},
+            fn_kwargs={"tokenizer": tokenizer, "train_on_prompt": args.train_on_prompt,
+                       "template_kwargs": template_kwargs},  # fmt: skip
             remove_columns=dataset.column_names,
             desc="Tokenizing",
         )
-    except DataError:
-        raise
-    except Exception as error:  # a template that fails on a record: name the cause instead of a datasets traceback
-        raise DataError(f"tokenizing failed: {error}") from error
+    except (DataError, ChatMaskError) as error:
+        raise DataError(f"{split} data: {error}") from error
+    return without_unmaskable(tokenized, args, split)
+
+
+def without_unmaskable(dataset: Dataset, args: DataArguments, split: str) -> Dataset:
+    """Records the template cannot render or mask: reported like every invalid record, or dropped when asked."""
+    flagged = [index for index, problem in enumerate(dataset["problem"]) if problem]
+    dataset = dataset.remove_columns("problem") if not flagged else dataset
+    if not flagged:
+        return dataset
+    report = ProblemReport()
+    for row in dataset.select(flagged):
+        report.add(row["source"], row["problem"])
+    if not args.skip_invalid_samples:
+        raise DataError(
+            f"{split} data: {report.text()}\nFix these records (or --chat_template / --chat_template_kwargs), or "
+            "pass --skip_invalid_samples true to drop them."
+        )
+    logger.warning("%s data: dropped %s", split, report.text())
+    kept = np.setdiff1d(np.arange(len(dataset)), flagged)
+    if not len(kept):
+        raise DataError(f"{split} data: no record can be rendered by the chat template.")
+    return dataset.select(kept).remove_columns("problem")
 
 
 def tokenizing_processes(args: DataArguments, num_records: int) -> int | None:
@@ -633,14 +627,14 @@ def prepare_datasets(
         if raw is None:
             prepared.append(None)
             continue
-        prepared.append(apply_length_policy(tokenize_dataset(raw, tokenizer, args), args, max_length, split))
+        prepared.append(apply_length_policy(tokenize_dataset(raw, tokenizer, args, split), args, max_length, split))
     return prepared[0], prepared[1]
 
 
 # Cache of prepared datasets
 
 CACHE_KEY_OPTIONS = ("train_data", "eval_data", "eval_size", "data_format", "default_system_message",
-                     "skip_invalid_samples", "dedup", "max_num_samples", "train_on_prompt",
+                     "chat_template_kwargs", "skip_invalid_samples", "dedup", "max_num_samples", "train_on_prompt",
                      "long_sequence_strategy")  # fmt: skip
 
 
@@ -650,7 +644,7 @@ def prepared_cache_key(args: DataArguments, tokenizer: PreTrainedTokenizerBase, 
     if args.eval_data != NO_EVAL_DATA:
         sources.append(fingerprint_source(args.eval_data))
     options = {key: value for key, value in asdict(args).items() if key in CACHE_KEY_OPTIONS}
-    code = inspect.getsource(sys.modules[__name__])
+    code = inspect.getsource(sys.modules[__name__]) + inspect.getsource(chat_masks)
     parts = [sources, options, max_length, seed, Hasher.hash(tokenizer), tokenizer.chat_template, code]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 

@@ -144,9 +144,9 @@ def test_tokenizer_without_template_gets_the_default_and_override_replaces_it(ti
     assert trained_text(tokenizer, sample) == expected_chat_labels(tokenizer, CHAT["messages"])
 
     template_file = tmp_path / "template.jinja"
-    template_file.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}")
+    template_file.write_text("{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}{{ eos_token }}{% endfor %}")
     apply_chat_template_option(tokenizer, DataArguments(train_data="unused", chat_template=str(template_file)))
-    assert tokenizer.apply_chat_template(CHAT["messages"][:2], tokenize=False).startswith("[system] You are")
+    assert tokenizer.apply_chat_template(CHAT["messages"][:2], tokenize=False).startswith("[system]\nYou are")
     sample = prepare(tokenizer, tmp_path, [CHAT])[0]
     assert trained_text(tokenizer, sample) == expected_chat_labels(tokenizer, CHAT["messages"])
     with pytest.raises(DataError, match="neither a Jinja template nor a file"):
