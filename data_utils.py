@@ -696,14 +696,16 @@ def save_prepared(directory: Path, train: Dataset, evaluation: Dataset | None) -
 
 
 def marked_text(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], labels: list[int]) -> str:
-    """The sample as text, with every run of trained tokens wrapped in TRAINED_SPAN."""
-    pieces, start = [], 0
+    """The sample as text, with every run of trained tokens wrapped in TRAINED_SPAN. Each run is the text its tokens
+    add to the decoded sample, so a leading space (which SentencePiece decoders drop at the start of a decode) shows."""
+    pieces, start, decoded = [], 0, ""
     trained = [label != IGNORE_INDEX for label in labels]
     for index in range(1, len(input_ids) + 1):
         if index == len(input_ids) or trained[index] != trained[start]:
-            text = tokenizer.decode(input_ids[start:index])
+            upto = tokenizer.decode(input_ids[:index])
+            text = upto[len(decoded) :] if upto.startswith(decoded) else tokenizer.decode(input_ids[start:index])
             pieces.append(f"{TRAINED_SPAN[0]}{text}{TRAINED_SPAN[1]}" if trained[start] else text)
-            start = index
+            start, decoded = index, upto
     return "".join(pieces)
 
 
