@@ -53,9 +53,17 @@ RECORDS = {
         "tools": [WEATHER_TOOL],
         "messages": [
             {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call12345", "type": "function",
-                 "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call12345",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                    }
+                ],
+            },
             {"role": "tool", "tool_call_id": "call12345", "content": '{"temp": 21}'},
             {"role": "assistant", "content": "It is 21 degrees in Paris."},
         ],
