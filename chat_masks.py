@@ -263,43 +263,46 @@ def turn_end(text: str, last_anchor: int, shape: TemplateShape) -> int:
 # Tokens and labels
 
 
-def trained_token_range(starts: list[int], ends: list[int], span: Span) -> range:
-    """The tokens that overlap a character span (the boundary rule); starts/ends are the tokens' offsets."""
-    return range(bisect_right(ends, span[0]), bisect_left(starts, span[1]))
+def trained_tokens(encoding, span: Span) -> range:
+    """The tokens that overlap a character span (the boundary rule), from a tokenizers Encoding."""
+    start, end = span
+    first = encoding.char_to_token(start) if start < end else None
+    last = encoding.char_to_token(end - 1) if start < end else None
+    if first is None or last is None:  # a character no token covers (dropped by the normalizer): use the offsets
+        offsets = encoding.offsets
+        ends = [token_end for _, token_end in offsets]
+        starts = [token_start for token_start, _ in offsets]
+        return range(bisect_right(ends, start), bisect_left(starts, end))
+    return range(first, last + 1)
 
 
-def labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -> list[int]:
-    labels = [IGNORE_INDEX] * len(input_ids)
-    starts = [start for start, _ in offsets]
-    ends = [end for _, end in offsets]
+def labels_from_spans(encoding, spans: list[Span]) -> list[int]:
+    ids = encoding.ids
+    labels = [IGNORE_INDEX] * len(ids)
     for span in spans:
-        for token in trained_token_range(starts, ends, span):
-            labels[token] = input_ids[token]
+        tokens = trained_tokens(encoding, span)
+        labels[tokens.start : tokens.stop] = ids[tokens.start : tokens.stop]
     return labels
 
 
-def encode_with_offsets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[tuple[list[int], list]]:
-    """(ids, offsets) of each text, no special tokens added (templates write BOS themselves). The Rust tokenizer is
-    called directly when it agrees with the Python wrapper on the first texts: the wrapper's per-text conversion
-    costs as much as tokenizing."""
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list:
+    """A tokenizers Encoding (ids, offsets) per text, no special tokens added (templates write BOS themselves). The
+    Rust tokenizer is called directly; the Python wrapper must agree with it on the first texts (the same check
+    guards against a wrapper that post-processes ids)."""
     if not texts:
         return []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        probe = tokenizer(texts[:4], add_special_tokens=False)["input_ids"]
-        if [e.ids for e in encodings[:4]] == probe:
-            return [(e.ids, e.offsets) for e in encodings]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return list(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    if [e.ids for e in encodings[:4]] != tokenizer(texts[:4], add_special_tokens=False)["input_ids"]:
+        raise ChatMaskError("the tokenizer's Python wrapper and Rust tokenizer disagree; loss masks need them equal")
+    return encodings
 
 
 def masked_samples(
     tokenizer: PreTrainedTokenizerBase, samples: list[tuple[str, list[Span]]], train_on_prompt: bool
 ) -> list[tuple[list[int], list[int]]]:
     """Tokenize every (text, trained spans) pair in one call; (input_ids, labels) per sample."""
-    encoded = encode_with_offsets(tokenizer, [text for text, _ in samples])
+    encodings = encode_batch(tokenizer, [text for text, _ in samples])
     return [
-        (ids, list(ids) if train_on_prompt else labels_from_spans(ids, offsets, spans))
-        for (ids, offsets), (_, spans) in zip(encoded, samples, strict=True)
+        (encoding.ids, list(encoding.ids) if train_on_prompt else labels_from_spans(encoding, spans))
+        for encoding, (_, spans) in zip(encodings, samples, strict=True)
     ]
