@@ -294,3 +294,55 @@ def test_mistral_trains_the_space_after_inst_and_preview_shows_it(tmp_path):
     sample = prepare(tokenizer, tmp_path, [RECORDS["system_multi_turn"]])[0]
     preview = marked_text(tokenizer, sample["input_ids"], sample["labels"])
     assert "[/INST][[ 2 + 3 = 5</s>]]" in preview, preview
+
+
+def test_tool_shapes_pass_validation_and_bad_ones_are_located(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [
+        RECORDS["tool_call"],
+        {"tools": {"not": "a list"}, "messages": RECORDS["tool_call"]["messages"]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": "f()"}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "reasoning_content": 3}]},
+    ])  # fmt: skip
+    with pytest.raises(DataError) as error:
+        read_records(str(path), "--train_data", DataArguments(train_data=str(path)))
+    message = str(error.value)
+    assert "3 invalid record(s)" in message and "train.jsonl:1" not in message
+    assert "train.jsonl:2: 'tools' must be a list of objects" in message
+    assert "train.jsonl:3: messages[1].tool_calls must be a list of objects" in message
+    assert "train.jsonl:4: messages[1].reasoning_content must be a string" in message
+
+
+def test_a_rows_template_kwargs_win_over_the_flag(tmp_path):
+    """The contract with multi-source data: a row's chat_template_kwargs column (JSON) is merged over the flag's."""
+    tokenizer = build_tokenizer(FAMILIES["qwen3"])
+    args = DataArguments(train_data="unused", eval_size=0, chat_template_kwargs='{"enable_thinking": true}')
+    record = RECORDS["system_multi_turn"]
+    rows = read_records(str(write_jsonl(tmp_path / "train.jsonl", [record, record])), "--train_data", args)
+    rows[1]["chat_template_kwargs"] = json.dumps({"enable_thinking": False})
+    rows[0]["chat_template_kwargs"] = None
+    dataset = prepare_datasets(args, tokenizer, Dataset.from_list(rows), None, 4096)[0]
+    off = {"enable_thinking": False}
+    cases = ((dataset[0], {}, FAMILIES["qwen3"]), (dataset[1], off, FAMILIES["qwen3-thinking-off"]))
+    for sample, kwargs, header in cases:
+        text = expected_render(tokenizer, record, kwargs)
+        assert mismatch(sample, *expected_labels(tokenizer, text, expected_spans(text, header))) is None
+    assert dataset[0]["labels"] != dataset[1]["labels"]
+    with pytest.raises(DataError, match="--chat_template_kwargs: chat_template_kwargs must be a JSON object"):
+        prepare_datasets(DataArguments(train_data="unused", chat_template_kwargs="[1]"), tokenizer,
+                         Dataset.from_list(rows), None, 4096)  # fmt: skip
+
+
+def test_train_py_reports_unrenderable_records_by_line_before_loading_the_model(tiny_llama, tmp_path):
+    from conftest import run_train
+
+    data = write_jsonl(tmp_path / "train.jsonl", [RECORDS["unicode_whitespace"], RECORDS["system_multi_turn"]])
+    result = run_train(
+        "--model_id", str(tiny_llama), "--train_data", str(data), "--eval_size", "0", "--eval_strategy", "no",
+        "--chat_template", str(TEMPLATES / "gemma-2.jinja"), "--chat_template_kwargs", '{"unused_variable": 1}',
+        "--prepare_data_only", "true", "--data_cache_dir", "none", "--output_dir", str(tmp_path / "out"),
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "train.jsonl:2: the chat template cannot render this record: System role not supported" in output
+    assert "--skip_invalid_samples true" in output
+    assert "data_utils.py" not in output and not (tmp_path / "out").exists()  # no traceback of ours, nothing written
