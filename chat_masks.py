@@ -22,6 +22,7 @@ A record the template cannot render, or whose spans cannot be placed exactly, ra
 """
 
 import json
+import logging
 import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
@@ -32,6 +33,8 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from packing import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 # Private-use characters: never produced by tokenizers' normalizers, and no template strips or tests them.
 SENTINEL_OPEN, SENTINEL_CLOSE = "\ue000", "\ue001"
@@ -44,6 +47,10 @@ Span = tuple[int, int]
 
 class ChatMaskError(ValueError):
     """A chat record the template cannot render, or whose trained spans cannot be placed exactly."""
+
+
+class TemplateRenderError(ChatMaskError):
+    """The template raised on the record."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ def render_record(tokenizer, messages, tools, template_kwargs, generation_indice
     try:
         return render(tokenizer, messages, tools, template_kwargs, generation_indices=generation_indices)
     except Exception as error:  # jinja2 raises many types (TemplateError, TypeError, ...) for data it cannot take
-        raise ChatMaskError(f"the chat template cannot render this record: {error}") from error
+        raise TemplateRenderError(f"the chat template cannot render this record: {error}") from error
 
 
 def null_content_as_empty(messages: list[dict]) -> list[dict]:
@@ -126,6 +133,11 @@ def template_shape(tokenizer: PreTrainedTokenizerBase, template: str, kwargs_jso
         headers = [history_header, written_header, *headers]
     last_turn_end = conversation[conversation.rindex(PROBE_ASSISTANT) + len(PROBE_ASSISTANT) :]
     end_of_turn = first_special_token(last_turn_end, special)
+    if end_of_turn is None and not has_markers:
+        logger.warning(
+            "The chat template closes assistant turns with no special token: trained spans end with the content, "
+            "so the model does not learn to stop. Use a template that ends turns with EOS or an end-of-turn token."
+        )
     return TemplateShape(tuple(dict.fromkeys(h for h in headers if h)), end_of_turn, special, has_markers)
 
 
@@ -156,7 +168,8 @@ def chat_text_and_spans(
     shape = template_shape(tokenizer, tokenizer.chat_template, json.dumps(template_kwargs, sort_keys=True))
     try:
         return located_turns(tokenizer, shape, messages, tools, template_kwargs)
-    except ChatMaskError:
+    except TemplateRenderError:
+        # Templates that concatenate content (Qwen3) fail on a tool-call turn's `content: null`: give them ''.
         if not any(m["role"] == "assistant" and m.get("content", "") is None for m in messages):
             raise
     return located_turns(tokenizer, shape, null_content_as_empty(messages), tools, template_kwargs)
