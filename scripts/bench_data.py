@@ -2,6 +2,7 @@
 
     python scripts/bench_data.py                      # 50,000 chats, the tiny local model's tokenizer
     python scripts/bench_data.py --model_id Qwen/Qwen2.5-0.5B-Instruct --num_samples 100000
+    python scripts/bench_data.py --chat_template tests/fixtures/chat_templates/qwen3.jinja  # another template
 
 Prints one JSON line: samples, tokens, seconds per phase, samples/s and tokens/s. The cache is off, so every run
 does the full work.
@@ -22,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from datasets import Dataset, disable_progress_bars  # noqa: E402
 
-from data_utils import DataArguments, prepare_datasets, read_records  # noqa: E402
+from data_utils import DataArguments, apply_chat_template_option, prepare_datasets, read_records  # noqa: E402
 from model_utils import ModelArguments, load_tokenizer  # noqa: E402
 
 WORDS = "the a model data train token loss mask chat answer question number value result step check".split()
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=50_000)
     parser.add_argument("--num_workers", type=int, default=None, help="--preprocessing_num_workers (default: auto).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat_template", default=None, help="--chat_template (a Jinja file or string) for the chats.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     disable_progress_bars()
@@ -65,8 +67,9 @@ def main() -> None:
         tokenizer = load_tokenizer(ModelArguments(model_id=model_id))
         data_args = DataArguments(
             train_data=str(data), eval_size=0, long_sequence_strategy="truncate",
-            preprocessing_num_workers=args.num_workers, data_cache_dir="none",
+            preprocessing_num_workers=args.num_workers, data_cache_dir="none", chat_template=args.chat_template,
         )  # fmt: skip
+        apply_chat_template_option(tokenizer, data_args)
 
         start = time.perf_counter()
         raw = Dataset.from_list(read_records(data_args.train_data, "--train_data", data_args))
