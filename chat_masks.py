@@ -304,6 +304,8 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list:
     guards against a wrapper that post-processes ids)."""
     if not texts:
         return []
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ChatMaskError("loss masks need a fast tokenizer (a tokenizer.json); this tokenizer has none")
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     if [e.ids for e in encodings[:4]] != tokenizer(texts[:4], add_special_tokens=False)["input_ids"]:
         raise ChatMaskError("the tokenizer's Python wrapper and Rust tokenizer disagree; loss masks need them equal")
