@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import REPO, run_train
 from peft import PeftModel, get_peft_model
+from test_numerics import RELATIVE_TOLERANCE, relative_differences, tokenized_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen3MoeConfig
 
 from model_utils import LoraArguments, lora_target_names, peft_config
@@ -41,6 +42,15 @@ def test_auto_targets_attention_and_every_expert_but_not_the_router(tiny_moe):
     assert any(".experts." in name for name in trained)
     assert not any(".gate." in name or "router" in name for name in trained), trained
     assert adapted.peft_config["default"].lora_dropout == 0  # lora.ParamWrapper supports no dropout
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora_4bit"])
+def test_moe_gradients_after_an_eval_pass_equal_the_dequantized_fp32_reference(tiny_moe, tmp_path, mode):
+    """The matrix of test_numerics.py on a MoE model: expert adapters (lora.ParamWrapper) and 4-bit attention."""
+    differences = relative_differences(tiny_moe, tmp_path, tokenized_batch(tiny_moe), mode, False, True)
+    assert any(".experts." in name for name in differences)
+    worst = max(differences, key=differences.get)
+    assert differences[worst] <= RELATIVE_TOLERANCE, f"{worst}: relative difference {differences[worst]:.2e}"
 
 
 @pytest.mark.parametrize("method", ["--use_lora", "--use_qlora"])

@@ -30,11 +30,15 @@ RELATIVE_TOLERANCE = 1e-5
 TEXTS = ["The teacher reads a long letter in the garden.", "A small dog finds the blue door!"]
 
 
-@pytest.fixture(scope="module")
-def batch(tiny_llama) -> dict:
-    encoded = AutoTokenizer.from_pretrained(tiny_llama)(TEXTS, padding=True, return_tensors="pt")
+def tokenized_batch(model_dir) -> dict:
+    encoded = AutoTokenizer.from_pretrained(model_dir)(TEXTS, padding=True, return_tensors="pt")
     labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
     return {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_llama) -> dict:
+    return tokenized_batch(tiny_llama)
 
 
 def training_args(tmp_path, checkpointing: bool) -> TrainingArguments:
