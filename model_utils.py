@@ -594,7 +594,7 @@ def sample_generations(
         prompt, reference = row["input_ids"][: span[0]], row["input_ids"][span[0] : span[1]]
         samples.append({
             "source": row.get("source"),
-            "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            "prompt": tokenizer.decode(prompt),  # special tokens kept: exactly what the model saw
             "reference": tokenizer.decode(reference, skip_special_tokens=True),
             "generation": generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=False),
         })  # fmt: skip
@@ -651,5 +651,8 @@ def write_final_model(
                 model_args, str(output_dir / ADAPTER_SUBDIR), tokenizer, compute_dtype(training_args)
             )
         merged.save_pretrained(output_dir)
-        logger.info("Merged the adapter into %s.", model_args.model_id)
+        logger.info(
+            "Merged the adapter (%s) into a copy of %s; the merged model is in %s.",
+            output_dir / ADAPTER_SUBDIR, model_args.model_id, output_dir,
+        )  # fmt: skip
     tokenizer.save_pretrained(output_dir)

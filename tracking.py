@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from checkpoint_utils import COMPLETE_MARKER, checkpoint_dirs, is_complete
 from data_utils import NO_EVAL_DATA
 from mlfoundry_utils import mask_secrets, run_arguments
+from model_utils import ADAPTER_SUBDIR
 from packing import is_packed, rows_efficiency
 
 logger = logging.getLogger(__name__)
@@ -582,7 +583,9 @@ def method_name(lora_args) -> str:
 
 def final_metrics(log_history: list[dict]) -> dict[str, float]:
     """The last value of each headline metric in the Trainer's log history."""
-    wanted = ("loss", "eval_loss", "train_loss", "train_runtime", "train_tokens_per_second", "epoch", "step")
+    wanted = (
+        "loss", "eval_loss", "eval_accuracy", "train_loss", "train_runtime", "train_tokens_per_second", "epoch", "step"
+    )
     found = {}
     for entry in log_history:
         found.update({k: entry[k] for k in wanted if k in entry})
@@ -620,7 +623,7 @@ def run_summary(argument_groups, log_history, train_dataset, eval_dataset) -> di
     }
 
 
-def write_model_card(output_dir: Path, summary: dict) -> Path:
+def write_model_card(output_dir: Path, summary: dict, curves: str = "training_curves.png") -> Path:
     data, metrics = summary["data"], summary["final_metrics"]
     lines = [
         "---",
@@ -650,7 +653,7 @@ def write_model_card(output_dir: Path, summary: dict) -> Path:
         "|---|---|",
         *(f"| {k} | `{v}` |" for k, v in summary["hyperparameters"].items()),
         "",
-        "![training curves](training_curves.png)",
+        f"![training curves]({curves})",
         "",
     ]
     path = output_dir / "README.md"
@@ -704,6 +707,8 @@ def report_run(tracker, trainer, argument_groups, train_dataset, eval_dataset) -
     log_history = trainer.state.log_history
     summary = run_summary(argument_groups, log_history, train_dataset, eval_dataset)
     files = [write_model_card(output_dir, summary), write_training_curves(output_dir, log_history)]
+    if (output_dir / ADAPTER_SUBDIR).is_dir():  # replaces PEFT's empty template beside the adapter
+        write_model_card(output_dir / ADAPTER_SUBDIR, summary, curves="../training_curves.png")
     logger.info("Model card and training curves written to %s.", output_dir)
     if tracker is None:
         return

@@ -30,7 +30,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import quiet  # first: bitsandbytes warns while the libraries below are imported
+
+# isort: split
 import datasets
+import torch
 import transformers
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments, set_seed
@@ -47,7 +51,7 @@ from checkpoint_utils import (
     remove_intermediate_checkpoints,
     resolve_resume_checkpoint,
 )
-from config_files import ConfigFileError, expand_command_line
+from config_files import ConfigFileError, expand_command_line, last_value
 from data_utils import (
     NO_EVAL_DATA,
     DataArguments,
@@ -61,6 +65,7 @@ from data_utils import (
     write_prepared_data,
 )
 from engine_utils import check_memory_fits, engine_problems, init_deepspeed_comm
+from evaluation import AnswerAccuracyTrainer, accuracy_options, log_answer_accuracy
 from mlfoundry_utils import TrackingArguments, save_run_arguments
 from model_utils import (
     LoraArguments,
@@ -125,6 +130,10 @@ class FinetuneTrainingArguments(TrainingArguments):
             "--train_sampling_strategy group_by_length)."
         },
     )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin data-loader memory for faster copies to the GPU; by default on when there is one."},
+    )
     evaluation_strategy: str | None = field(
         default=None, metadata={"help": "Old name of --eval_strategy (transformers < 5), accepted as an alias."}
     )
@@ -182,6 +191,24 @@ class FinetuneTrainingArguments(TrainingArguments):
     sample_max_new_tokens: int = field(
         default=64, metadata={"help": "Most tokens generated per answer of --sample_generations (greedy)."}
     )
+    eval_accuracy: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, answer the evaluation prompts (greedy, --per_device_eval_batch_size at a time) "
+            "and log eval_accuracy: the share of answers equal to the trained answer, special tokens removed; "
+            "every answer goes to --output_dir/eval_answers.jsonl. For tasks with one right answer; needs "
+            "evaluation data."
+        },
+    )
+    eval_accuracy_during_training: bool = field(
+        default=False, metadata={"help": "Also log eval_accuracy at each evaluation (--eval_strategy), with eval_loss."}
+    )
+    eval_accuracy_samples: int = field(
+        default=0, metadata={"help": "Most evaluation prompts answered for eval_accuracy (0: all of them)."}
+    )
+    eval_accuracy_max_new_tokens: int = field(
+        default=64, metadata={"help": "Most tokens generated per answer for eval_accuracy; longer answers fail."}
+    )
 
     def __post_init__(self):
         if self.deepspeed and isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
@@ -199,6 +226,10 @@ class FinetuneTrainingArguments(TrainingArguments):
             self.ddp_find_unused_parameters = False
         if self.early_stopping_patience and self.metric_for_best_model is None:
             self.metric_for_best_model = "eval_loss"
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = torch.accelerator.is_available()
+        if self.disable_tqdm is None and not quiet.output_is_terminal():
+            self.disable_tqdm = True  # the Trainer then prints each log line instead of redrawing a bar
         super().__post_init__()
 
 
@@ -206,10 +237,17 @@ ARGUMENT_GROUPS = (ModelArguments, DataArguments, LoraArguments, TrackingArgumen
 
 
 def parse_args() -> tuple:
-    """Read train.args beside this script, then a config file, then the command line (the last value of a flag wins)."""
+    """Read train.args beside this script, then a config file, then the command line (the last value of a flag wins).
+    Evaluation defaults to off when there is no evaluation data, unless the user asked for it."""
     parser = HfArgumentParser(ARGUMENT_GROUPS)
     arguments = expand_command_line(sys.argv[1:], ARGUMENT_GROUPS)
-    return parser.parse_args_into_dataclasses(args=arguments, look_for_args_file=True)
+    groups = parser.parse_args_into_dataclasses(args=arguments, look_for_args_file=True)
+    data_args, training_args = groups[1], groups[-1]
+    user_asked = any(last_value(arguments, name) is not None for name in ("eval_strategy", "evaluation_strategy"))
+    if training_args.eval_strategy != "no" and not has_eval_data(data_args) and not user_asked:
+        # train.args evaluates by default; with no evaluation data that default yields, not the user's choice.
+        groups = parser.parse_args_into_dataclasses(args=[*arguments, "--eval_strategy", "no"], look_for_args_file=True)
+    return groups
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -221,13 +259,24 @@ def setup_logging(training_args: TrainingArguments) -> None:
     )
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
+    quiet.silence_run_warnings(uses_deepspeed=bool(training_args.deepspeed))
+    if not quiet.output_is_terminal():
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def has_eval_data(data_args: DataArguments) -> bool:
+    return data_args.eval_data != NO_EVAL_DATA or data_args.eval_size > 0
 
 
 def find_argument_problems(data_args, lora_args, tracking_args, training_args) -> list[str]:
     problems = tracking_problems(tracking_args, training_args)
-    has_eval_data = data_args.eval_data != NO_EVAL_DATA or data_args.eval_size > 0
-    if training_args.eval_strategy != "no" and not has_eval_data:
+    if training_args.eval_strategy != "no" and not has_eval_data(data_args):
         problems.append("--eval_strategy needs evaluation data: pass --eval_data or an --eval_size > 0.")
+    if (training_args.eval_accuracy or training_args.eval_accuracy_during_training) and not has_eval_data(data_args):
+        problems.append("--eval_accuracy needs evaluation data: pass --eval_data or an --eval_size > 0.")
+    if training_args.eval_accuracy_during_training and training_args.eval_strategy == "no":
+        problems.append("--eval_accuracy_during_training needs evaluation: set --eval_strategy steps or epoch.")
     if training_args.early_stopping_patience and training_args.eval_strategy == "no":
         problems.append("--early_stopping_patience needs evaluation: set --eval_strategy steps or epoch.")
     if training_args.cleanup_output_dir_on_start and (training_args.resume_from_checkpoint or "").lower() == "true":
@@ -258,6 +307,8 @@ def validate_args(data_args, lora_args, tracking_args, training_args) -> None:
     problems = find_argument_problems(data_args, lora_args, tracking_args, training_args)
     if problems:
         raise ArgumentError("invalid options:\n  " + "\n  ".join(problems))
+    if not has_eval_data(data_args):
+        logger.info("No evaluation data (no --eval_data, --eval_size 0): evaluation is off.")
     if data_args.eval_data == NO_EVAL_DATA and data_args.eval_size > 0 and training_args.eval_strategy == "no":
         logger.warning(
             "--eval_size %s holds records out of training but --eval_strategy is 'no': they are never used. "
@@ -289,8 +340,9 @@ def save_prepared_data(training_args, tokenizer, train_dataset, eval_dataset) ->
 
 
 def build_trainer(
-    model, tokenizer, training_args, data_args, train_dataset, eval_dataset, max_length, callbacks
+    model, tokenizer, training_args, data_args, train_rows, eval_rows, eval_dataset, max_length, callbacks
 ) -> Trainer:
+    """The Trainer on the (packed) rows; eval_dataset, the unpacked evaluation samples, feeds eval_accuracy."""
     # The Trainer deletes old checkpoints before the callback marks the new one complete; a kill in between could
     # leave none complete. So the Trainer gets no --save_total_limit and the callback rotates after marking.
     callbacks = [CheckpointCompletionCallback(training_args.save_total_limit), *callbacks]
@@ -300,14 +352,16 @@ def build_trainer(
         callbacks.append(
             EarlyStoppingCallback(training_args.early_stopping_patience, training_args.early_stopping_threshold)
         )
-    return Trainer(
+    return AnswerAccuracyTrainer(
         model=model,
         args=trainer_args,
-        train_dataset=training_columns(train_dataset),
-        eval_dataset=training_columns(eval_dataset),
+        train_dataset=training_columns(train_rows),
+        eval_dataset=training_columns(eval_rows),
         processing_class=tokenizer,
         data_collator=build_collator(data_args, tokenizer, max_length),
         callbacks=callbacks,
+        accuracy_dataset=eval_dataset if training_args.eval_accuracy_during_training else None,
+        accuracy_options=accuracy_options(training_args),
     )
 
 
@@ -365,12 +419,15 @@ def main() -> None:
     preemption = PreemptionCallback()
     watchdog = LossWatchdogCallback(training_args.loss_watchdog_threshold, training_args.loss_watchdog_patience)
     trainer = build_trainer(
-        model, tokenizer, training_args, data_args, train_rows, eval_rows, max_length, [preemption, watchdog]
-    )
+        model, tokenizer, training_args, data_args, train_rows, eval_rows, eval_dataset, max_length,
+        [preemption, watchdog],
+    )  # fmt: skip
     attach_tracker(trainer, tracker, tracking_args)
     with packed_attention(model, data_args.sample_packing):
         trainer.train(resume_from_checkpoint=resume_checkpoint)
     raise_if_stopped_early(preemption, watchdog)
+    if training_args.eval_accuracy:  # on every rank, like --sample_generations; logged before the state is saved
+        log_answer_accuracy(trainer, eval_dataset, accuracy_options(training_args))
 
     # Save: every rank takes part in the collective save and the generations (ZeRO-3 / FSDP forward passes need all
     # of them); then only the main process merges and writes, while the others finish without waiting for it.

@@ -1,18 +1,20 @@
-"""Write small deterministic arithmetic datasets for smoke-testing fine-tuning.
+"""Write the small deterministic sample datasets: the quickstart's unit-conversion chats, and arithmetic.
 
 Usage:
     python scripts/make_sample_data.py [--output_dir sample_data]
 
 Files written to the output directory (default: the repository's sample_data/):
-    chat.jsonl        1000 chat records: {"messages": [{"role": ..., "content": ...}, ...]}
+    chat.jsonl        1000 chat records: {"messages": [{"role": ..., "content": ...}, ...]}, each a question such
+                      as "How many metres are in 47 kilometres?" answered "47 km = 47000 m"
+    chat_eval.jsonl   100 chat records whose conversions never occur in chat.jsonl, nor in the text the tiny model
+                      is pretrained on (scripts/make_tiny_model.py --pretrain_steps)
     completion.jsonl  1000 prompt/completion records: {"prompt": "Q: 23 + 45\\nA:", "completion": " 68"}
-    chat_eval.jsonl   100 chat records whose arithmetic problems never occur in chat.jsonl
 
-The tasks are simple and templated on purpose: a tiny randomly initialised model picks up
-the format within a few minutes of CPU training, so a falling loss is easy to see.
+The conversion task is what scripts/quickstart.sh measures: the tiny model is pretrained on plain statements
+("47 km = 47000 m", `conversion_statements`), so it knows conversions as text but cannot answer a chat question;
+fine-tuning on chat.jsonl teaches it to answer, and chat_eval.jsonl measures that on conversions it never saw.
 
-The generator functions are importable (scripts/make_tiny_model.py uses them to build its
-tokenizer training corpus).
+The generator functions are importable (scripts/make_tiny_model.py uses them for its tokenizer and pretraining corpus).
 """
 
 import argparse
@@ -28,8 +30,10 @@ NUM_CHAT_EVAL_RECORDS = 100
 CHAT_SEED = 1234
 COMPLETION_SEED = 5678
 CHAT_EVAL_SEED = 4321
+PRETRAINING_SEED = 8765
 
 SYSTEM_PROMPT = "You are a careful calculator."
+CONVERSION_SYSTEM_PROMPT = "You convert units."
 SYSTEM_MESSAGE_PROBABILITY = 0.8
 MAX_OPERAND = 99
 MAX_TIMES_TABLE_OPERAND = 12
@@ -50,6 +54,24 @@ USER_PHRASINGS = {
         "{a} - {b} = ?",
     ),
 }
+
+# (from symbol, from name, to symbol, to name, factor): every factor a power of ten, so an answer is the number
+# followed by zeros, a skill a two-layer model learns from a few thousand statements.
+CONVERSIONS = (
+    ("km", "kilometres", "m", "metres", 1000),
+    ("m", "metres", "cm", "centimetres", 100),
+    ("cm", "centimetres", "mm", "millimetres", 10),
+    ("kg", "kilograms", "g", "grams", 1000),
+    ("L", "litres", "mL", "millilitres", 1000),
+)
+MAX_QUANTITY = 999
+CONVERSION_PHRASINGS = (
+    "How many {to_name} are in {n} {from_name}?",
+    "Convert {n} {from_symbol} to {to_symbol}.",
+    "What is {n} {from_name} in {to_name}?",
+    "{n} {from_symbol} is how many {to_symbol}?",
+    "Please express {n} {from_name} in {to_name}.",
+)
 
 OPERATIONS = {
     "+": lambda a, b: a + b,
@@ -81,28 +103,65 @@ def chat_record(rng, problem):
     return {"messages": messages}
 
 
-def chat_records(num_records=NUM_CHAT_RECORDS, seed=CHAT_SEED, excluded_problems=frozenset()):
-    """Generate chat records, skipping any problem listed in `excluded_problems`."""
+def conversion_problems():
+    """Every (quantity, conversion index) the task can ask about, in a fixed order."""
+    return [(n, index) for index in range(len(CONVERSIONS)) for n in range(1, MAX_QUANTITY + 1)]
+
+
+def conversion_statement(problem):
+    """The answer, also the pretraining text: (47, 0) -> '47 km = 47000 m'."""
+    n, index = problem
+    from_symbol, _, to_symbol, _, factor = CONVERSIONS[index]
+    return f"{n} {from_symbol} = {n * factor} {to_symbol}"
+
+
+def conversion_question(rng, problem):
+    """`problem` asked in one of several phrasings: (47, 0) -> 'How many metres are in 47 kilometres?'."""
+    n, index = problem
+    from_symbol, from_name, to_symbol, to_name, _ = CONVERSIONS[index]
+    return rng.choice(CONVERSION_PHRASINGS).format(
+        n=n, from_symbol=from_symbol, from_name=from_name, to_symbol=to_symbol, to_name=to_name
+    )
+
+
+def conversion_record(rng, problem):
+    """One chat asking for `problem`, sometimes with a system message."""
+    messages = []
+    if rng.random() < SYSTEM_MESSAGE_PROBABILITY:
+        messages.append({"role": "system", "content": CONVERSION_SYSTEM_PROMPT})
+    messages.append({"role": "user", "content": conversion_question(rng, problem)})
+    messages.append({"role": "assistant", "content": conversion_statement(problem)})
+    return {"messages": messages}
+
+
+def split_conversion_problems():
+    """(held-out problems, the others): the held-out ones appear in no training chat and no pretraining text."""
+    problems = conversion_problems()
+    held_out = random.Random(CHAT_EVAL_SEED).sample(problems, NUM_CHAT_EVAL_RECORDS)
+    excluded = set(held_out)
+    return held_out, [problem for problem in problems if problem not in excluded]
+
+
+def chat_records(num_records=NUM_CHAT_RECORDS, seed=CHAT_SEED):
+    """Training chats: distinct conversions, none of them held out."""
     rng = random.Random(seed)
-    records = []
-    while len(records) < num_records:
-        problem = random_problem(rng)
-        if problem not in excluded_problems:
-            records.append(chat_record(rng, problem))
-    return records
+    _, trainable = split_conversion_problems()
+    return [conversion_record(rng, problem) for problem in rng.sample(trainable, num_records)]
 
 
-def chat_eval_records(train_records=None):
-    """Generate held-out chat records whose problems never appear in `train_records`."""
-    train_records = chat_records() if train_records is None else train_records
-    seen = {problem_of(record) for record in train_records}
-    return chat_records(NUM_CHAT_EVAL_RECORDS, CHAT_EVAL_SEED, excluded_problems=seen)
+def chat_eval_records():
+    """Held-out evaluation chats: conversions that never occur in chat.jsonl or the pretraining statements."""
+    rng = random.Random(CHAT_EVAL_SEED)
+    held_out, _ = split_conversion_problems()
+    return [conversion_record(rng, problem) for problem in held_out]
 
 
-def problem_of(record):
-    """Recover (a, operator, b) from a chat record's assistant answer."""
-    a, operator, b = record["messages"][-1]["content"].split(" = ")[0].split(" ")
-    return int(a), operator, int(b)
+def pretraining_texts():
+    """Plain text, no chat template: a question and its statement for every problem that is not held out, the way
+    a base model reads worked examples on web pages (scripts/make_tiny_model.py --pretrain_steps)."""
+    rng = random.Random(PRETRAINING_SEED)
+    _, trainable = split_conversion_problems()
+    return [f"{conversion_question(rng, problem)} {conversion_statement(problem)}" for problem in trainable]
 
 
 def completion_records(num_records=NUM_COMPLETION_RECORDS, seed=COMPLETION_SEED):
@@ -118,8 +177,7 @@ def completion_records(num_records=NUM_COMPLETION_RECORDS, seed=COMPLETION_SEED)
 
 def sample_texts():
     """Return every string of the sample datasets, as plain text for tokenizer training."""
-    train = chat_records()
-    chats = train + chat_eval_records(train)
+    chats = chat_records() + chat_eval_records()
     texts = [f"{message['role']}\n{message['content']}" for record in chats for message in record["messages"]]
     texts += [record["prompt"] + record["completion"] for record in completion_records()]
     return texts
@@ -136,11 +194,10 @@ def write_sample_data(output_dir):
     """Write all sample datasets into `output_dir` and return the written paths."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    train = chat_records()
     datasets = {
-        "chat.jsonl": train,
+        "chat.jsonl": chat_records(),
         "completion.jsonl": completion_records(),
-        "chat_eval.jsonl": chat_eval_records(train),
+        "chat_eval.jsonl": chat_eval_records(),
     }
     paths = []
     for name, records in datasets.items():

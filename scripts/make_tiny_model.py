@@ -1,18 +1,26 @@
-"""Build a tiny random-init causal LM with a locally trained tokenizer and chat template (no download).
+"""Build a tiny causal LM with a locally trained tokenizer and chat template (no download), optionally pretrained.
 
 Usage:
     python scripts/make_tiny_model.py --output_dir models/tiny-llama
+    python scripts/make_tiny_model.py --output_dir models/tiny-llama --pretrain_steps 300   # the quickstart's base
     python scripts/make_tiny_model.py --output_dir models/tiny-gpt2 --architecture gpt2 --chat_template llama3 \
         --no_pad_token
 
 The byte-level BPE tokenizer is trained on the sample data (see make_sample_data.py) plus generated English
-sentences, so any Unicode text round-trips. The output loads with AutoTokenizer / AutoModelForCausalLM
-.from_pretrained(output_dir), and the same arguments always give byte-identical files.
+sentences, so any Unicode text round-trips; digits are split one per token, as in Llama 3 and Qwen. The output
+loads with AutoTokenizer / AutoModelForCausalLM .from_pretrained(output_dir).
+
+Without --pretrain_steps the weights are random and the same arguments always give byte-identical files. With it,
+the model is first trained on plain text (make_sample_data.pretraining_texts: unit-conversion questions followed by
+their answers, the held-out evaluation conversions excluded, no chat template, no end-of-turn token), like a base
+model that has read worked examples but never held a chat. Pretraining is seeded; the files are reproducible on
+one machine with one thread count.
 """
 
 import argparse
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +41,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QW
 
 # The script directory is only on sys.path when this file is run directly, not when it is imported.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_sample_data import sample_texts  # noqa: E402
+from make_sample_data import pretraining_texts, sample_texts  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,11 @@ def untrained_tokenizer(architecture: str) -> Tokenizer:
             ]
         )
     else:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # One token per digit (as Llama 3 and Qwen split numbers): "47000" shares its digits with "47", so a small
+        # model can learn to copy numbers and append zeros.
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     return tokenizer
 
 
@@ -187,10 +199,43 @@ def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) ->
     return model
 
 
+def padded_batch(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
+    labels = torch.tensor([row + [-100] * (width - len(row)) for row in rows])
+    return {"input_ids": input_ids, "attention_mask": (labels != -100).long(), "labels": labels}
+
+
+def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -> None:
+    """Full-parameter next-token training on plain text: AdamW, linear warm-up then linear decay to zero."""
+    rows = tokenizer(pretraining_texts())["input_ids"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rng = random.Random(args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_learning_rate, weight_decay=0.0)
+    warmup = max(1, args.pretrain_steps // 15)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * (1 - step / args.pretrain_steps)
+    )
+    model.train()
+    started = time.perf_counter()
+    for step in range(1, args.pretrain_steps + 1):
+        loss = model(**padded_batch(rng.sample(rows, args.pretrain_batch_size), pad_id)).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == args.pretrain_steps:
+            print(f"pretraining step {step}/{args.pretrain_steps}: loss {loss.item():.3f} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    model.eval()
+
+
 def build(args: argparse.Namespace) -> None:
     chat_format = CHAT_FORMATS[args.chat_template]
     tokenizer = wrap_tokenizer(args, chat_format, train_tokenizer(args, chat_format))
     model = build_model(args, tokenizer)
+    if args.pretrain_steps:
+        pretrain(model, tokenizer, args)
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
 
@@ -206,14 +251,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_heads", type=int, default=4, help="Attention heads.")
     parser.add_argument("--vocab_size", type=int, default=512, help="BPE vocabulary size, special tokens included.")
     parser.add_argument("--max_position_embeddings", type=int, default=1024, help="Context length.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the weights and the English sentences.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, English sentences and batches.")
+    parser.add_argument(
+        "--pretrain_steps", type=int, default=0, help="Steps of plain-text pretraining (0: random weights)."
+    )
+    parser.add_argument("--pretrain_batch_size", type=int, default=32, help="Texts per pretraining step.")
+    parser.add_argument("--pretrain_learning_rate", type=float, default=3e-3, help="Peak pretraining learning rate.")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     build(args)
-    print(f"Tiny {args.architecture} model with a {args.chat_template} chat template written to {args.output_dir}")
+    state = f"pretrained for {args.pretrain_steps} steps" if args.pretrain_steps else "random weights"
+    print(f"Tiny {args.architecture} model ({state}) with a {args.chat_template} chat template written to "
+          f"{args.output_dir}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""Summarize a finished run: loss before and after training, and one generation from the saved model.
+"""Summarize a finished run: loss and answer accuracy (train.py --eval_accuracy), before and after, with examples.
 
-python scripts/show_run.py outputs/quickstart --prompt "What is 12 + 30?"
+python scripts/show_run.py outputs/quickstart --before outputs/quickstart-base-answers.jsonl
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+ANSWERS_FILE = "eval_answers.jsonl"  # written by train.py --eval_accuracy (evaluation.ANSWERS_FILE)
 
 
 def first_and_last(log_history: list[dict], key: str) -> tuple[float, float] | None:
@@ -23,25 +23,38 @@ def print_losses(output_dir: Path) -> None:
             print(f"{label:>10}: {values[0]:.4f} (first logged) -> {values[1]:.4f} (last logged)")
 
 
-def generate(output_dir: Path, prompt: str, max_new_tokens: int) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(output_dir)
-    model = AutoModelForCausalLM.from_pretrained(output_dir)
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+def read_answers(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def accuracy_line(label: str, answers: list[dict]) -> str:
+    correct = sum(answer["exact_match"] for answer in answers)
+    return f"{label}: {correct / len(answers):.0%} exact match ({correct}/{len(answers)} held-out prompts)"
+
+
+def question_of(prompt: str) -> str:
+    """The last user turn of a rendered chat prompt, or the whole prompt when it has none."""
+    marker = "user\n"
+    return prompt.rsplit(marker, 1)[-1].split("<|im_end|>")[0] if marker in prompt else prompt
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", type=Path, help="The --output_dir of a finished train.py run.")
-    parser.add_argument("--prompt", default="What is 12 + 30?", help="User message to answer with the chat template.")
-    parser.add_argument("--max_new_tokens", type=int, default=16, help="Most tokens to generate.")
+    parser.add_argument("--before", type=Path, help="scripts/eval_accuracy.py --output of the base model.")
+    parser.add_argument("--examples", type=int, default=3, help="Example answers to print.")
     args = parser.parse_args()
     print_losses(args.output_dir)
-    print(f"    prompt: {args.prompt}")
-    print(f"    answer: {generate(args.output_dir, args.prompt, args.max_new_tokens)}")
+    after = read_answers(args.output_dir / ANSWERS_FILE)
+    before = read_answers(args.before) if args.before else None
+    if before:
+        print(accuracy_line("before fine-tuning", before))
+    print(accuracy_line(" after fine-tuning", after))
+    for index, answer in enumerate(after[: args.examples]):
+        print(f"  Q: {question_of(answer['prompt'])}")
+        if before:
+            print(f"     before: {before[index]['answer'][:60]!r}")
+        print(f"     after:  {answer['answer']!r} (expected {answer['reference']!r})")
 
 
 if __name__ == "__main__":

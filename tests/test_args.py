@@ -75,7 +75,9 @@ def test_valid_defaults_have_no_problems(monkeypatch):
         (["--mlfoundry_enable_reporting", "true"], "--mlfoundry_enable_reporting true needs --mlfoundry_ml_repo"),
         (["--report_to", "mlflow", "--mlfoundry_enable_reporting", "true", "--mlfoundry_ml_repo", "r"], "pick one"),
         (["--mlflow_log_checkpoints", "true"], "--mlflow_log_checkpoints true needs --report_to mlflow"),
-        (["--eval_size", "0"], "--eval_strategy needs evaluation data"),
+        (["--eval_size", "0", "--eval_strategy", "steps"], "--eval_strategy needs evaluation data"),
+        (["--eval_size", "0", "--eval_accuracy", "true"], "--eval_accuracy needs evaluation data"),
+        (["--eval_strategy", "no", "--eval_accuracy_during_training", "true"], "needs evaluation: set --eval_strategy"),
         (["--eval_strategy", "no", "--early_stopping_patience", "2"], "--early_stopping_patience needs evaluation"),
         (["--use_lora", "true", "--lora_target_modules", "q_proj"], "--lora_target_modules must be 'auto' or a JSON"),
         (["--cleanup_output_dir_on_start", "true", "--resume_from_checkpoint", "true"], "would delete the checkpoints"),
@@ -87,8 +89,25 @@ def test_unsupported_or_incompatible_options_are_refused(monkeypatch, flags, pro
 
 
 def test_all_problems_are_reported_together(monkeypatch):
-    problems = validation_problems(monkeypatch, "--eval_size", "0", "--mlfoundry_enable_reporting", "true")
+    problems = validation_problems(
+        monkeypatch, "--eval_size", "0", "--eval_strategy", "steps", "--mlfoundry_enable_reporting", "true"
+    )
     assert len(problems) == 2
+
+
+def test_no_eval_data_turns_the_default_evaluation_off(monkeypatch, tmp_path):
+    """train.args evaluates every 20% of training; --eval_size 0 without --eval_data turns that default off, while
+    an --eval_strategy the user gives (here in a config file) is kept and refused."""
+    assert parse(monkeypatch, "--model_id", "m", "--train_data", "d")["training"].eval_strategy == "steps"
+    args = parse(monkeypatch, "--model_id", "m", "--train_data", "d", "--eval_size", "0")
+    assert args["training"].eval_strategy == "no" and args["training"].do_eval is False
+    assert train.find_argument_problems(args["data"], args["lora"], args["tracking"], args["training"]) == []
+    config = tmp_path / "run.yaml"
+    config.write_text("model_id: m\ntrain_data: d\neval_size: 0\neval_strategy: steps\n")
+    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), str(config)])
+    _, data, lora, tracking, training = train.parse_args()
+    assert training.eval_strategy == "steps"
+    assert "--eval_strategy needs evaluation data" in train.find_argument_problems(data, lora, tracking, training)[0]
 
 
 def test_deepspeed_config_must_exist(monkeypatch):
