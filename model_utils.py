@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import httpx2
 import torch
 from accelerate.utils import convert_file_size_to_int
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.utils import get_session
 from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 from transformers import (
@@ -26,7 +30,7 @@ from transformers import (
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import is_flash_attn_2_available
+from transformers.utils import CONFIG_NAME, is_flash_attn_2_available
 
 from data_utils import IGNORE_INDEX
 
@@ -37,6 +41,7 @@ DEFAULT_PAD_TOKEN = "<pad>"
 MEMORY_LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
 ADAPTER_SUBDIR = "adapter"
 SAMPLES_FILE = "samples.jsonl"
+HUB_PROBE_TIMEOUT_S = 5
 
 
 @dataclass
@@ -132,12 +137,34 @@ def hub_kwargs(model_args: ModelArguments) -> dict:
     return {"trust_remote_code": model_args.trust_remote_code}
 
 
+def looks_like_local_path(model_id: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else, or a first part that is a local directory, is a path."""
+    path = Path(model_id).expanduser()
+    explicit = path.is_absolute() or model_id.startswith((".", "~")) or model_id.endswith(("/", "\\"))
+    return explicit or len(path.parts) > 2 or (len(path.parts) == 2 and path.parent.is_dir())
+
+
+def check_hub_reachable(model_id: str) -> None:
+    """One quick request before the first download of an uncached model: huggingface_hub would retry a refused or
+    timed-out connection for about 25 s before saying the same."""
+    if hub_constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(model_id, CONFIG_NAME), str):
+        return
+    try:
+        get_session().head(hub_constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except httpx2.TransportError as error:
+        raise ModelLoadError(
+            f"--model_id {model_id}: cannot reach the Hugging Face Hub at {hub_constants.ENDPOINT} ({error}). "
+            "Check the network or proxy (HTTPS_PROXY, HF_ENDPOINT), set HF_HUB_OFFLINE=1 to use models already "
+            "in the cache, or pass a local model directory."
+        ) from error
+
+
 def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
     """Loading the config first turns a wrong --model_id into one clear message."""
-    path = Path(model_args.model_id).expanduser()
-    looks_like_path = path.is_absolute() or model_args.model_id.startswith((".", "~")) or len(path.parts) > 2
-    if looks_like_path and not path.is_dir():
-        raise ModelLoadError(f"--model_id {model_args.model_id}: no such model directory.")
+    if not Path(model_args.model_id).expanduser().is_dir():
+        if looks_like_local_path(model_args.model_id):
+            raise ModelLoadError(f"--model_id {model_args.model_id}: no such directory.")
+        check_hub_reachable(model_args.model_id)
     try:
         return AutoConfig.from_pretrained(model_args.model_id, **hub_kwargs(model_args))
     except (OSError, ValueError) as error:
