@@ -31,8 +31,8 @@ import quiet  # noqa: E402  (first: bitsandbytes warns while the libraries below
 # isort: split
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     GenerationConfig,
     GPT2Config,
@@ -43,7 +43,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX  # noqa: E402
 
 # isort: split
 from make_sample_data import pretraining_texts, sample_texts  # noqa: E402
