@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import REPO
 from datasets import Dataset
+from transformers import TrainingArguments
 
-from data_utils import DataArguments, prepare_datasets, read_records
-from evaluation import answer_accuracy, is_exact_match, prompts_and_references
+from data_utils import DataArguments, build_collator, prepare_datasets, read_records, training_columns
+from evaluation import AnswerAccuracyTrainer, answer_accuracy, is_exact_match, prompts_and_references
 from model_utils import generate_text, load_for_generation
 
 EVAL_DATA = REPO / "sample_data" / "chat_eval.jsonl"
@@ -54,3 +55,24 @@ def test_exact_match_ignores_only_surrounding_whitespace():
     assert is_exact_match(" 47 km = 47000 m\n", "47 km = 47000 m")
     assert not is_exact_match("47 km = 47000 m.", "47 km = 47000 m")
     assert not is_exact_match("47 km = 4700 m", "47 km = 47000 m")
+
+
+def test_each_evaluation_logs_eval_accuracy_beside_eval_loss(model_and_tokenizer, tmp_path):
+    """--eval_accuracy_during_training: Trainer.evaluate() logs one entry holding both, the accuracy equal to
+    answer_accuracy on the same prompts."""
+    model, tokenizer = model_and_tokenizer
+    dataset = prepared(tokenizer, 6)
+    options = {"limit": 0, "max_new_tokens": 8, "batch_size": 4}
+    trainer = AnswerAccuracyTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), report_to="none", per_device_eval_batch_size=4),
+        eval_dataset=training_columns(dataset),
+        processing_class=tokenizer,
+        data_collator=build_collator(DataArguments(train_data="unused"), tokenizer, 128),
+        accuracy_dataset=dataset,
+        accuracy_options=options,
+    )
+    metrics = trainer.evaluate()
+    expected, _ = answer_accuracy(model, tokenizer, dataset, **options)
+    assert metrics["eval_accuracy"] == expected and "eval_loss" in metrics
+    assert {"eval_loss", "eval_accuracy"} <= set(trainer.state.log_history[-1])
