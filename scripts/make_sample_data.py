@@ -10,8 +10,9 @@ Files written to the output directory (default: the repository's sample_data/):
                       is pretrained on (scripts/make_tiny_model.py --pretrain_steps)
     completion.jsonl  1000 prompt/completion records: {"prompt": "Q: 23 + 45\\nA:", "completion": " 68"}
 
-The conversion task is what scripts/quickstart.sh measures: the tiny model is pretrained on plain statements
-("47 km = 47000 m", `conversion_statements`), so it knows conversions as text but cannot answer a chat question;
+The conversion task is what scripts/quickstart.sh measures: the tiny model is pretrained on plain text
+("Q: How many metres are in 47 kilometres?\nA: 47 km = 47000 m", `pretraining_texts`), so it knows conversions
+as text but cannot answer a chat question;
 fine-tuning on chat.jsonl teaches it to answer, and chat_eval.jsonl measures that on conversions it never saw.
 
 The generator functions are importable (scripts/make_tiny_model.py uses them for its tokenizer and pretraining corpus).
@@ -157,11 +158,12 @@ def chat_eval_records():
 
 
 def pretraining_texts():
-    """Plain text, no chat template: a question and its statement for every problem that is not held out, the way
-    a base model reads worked examples on web pages (scripts/make_tiny_model.py --pretrain_steps)."""
+    """Plain text, no chat template: 'Q: <question>\nA: <statement>' for every problem that is not held out, the
+    way a base model reads worked examples on web pages (scripts/make_tiny_model.py --pretrain_steps). The line
+    between question and answer teaches copying the quantity across a gap, as a chat template's turn markers need."""
     rng = random.Random(PRETRAINING_SEED)
     _, trainable = split_conversion_problems()
-    return [f"{conversion_question(rng, problem)} {conversion_statement(problem)}" for problem in trainable]
+    return [f"Q: {conversion_question(rng, problem)}\nA: {conversion_statement(problem)}" for problem in trainable]
 
 
 def completion_records(num_records=NUM_COMPLETION_RECORDS, seed=COMPLETION_SEED):

@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/make_tiny_model.py --output_dir models/tiny-llama
-    python scripts/make_tiny_model.py --output_dir models/tiny-llama --pretrain_steps 300   # the quickstart's base
+    python scripts/make_tiny_model.py --output_dir models/tiny-llama-units --pretrain_steps 600  # quickstart's base
     python scripts/make_tiny_model.py --output_dir models/tiny-gpt2 --architecture gpt2 --chat_template llama3 \
         --no_pad_token
 

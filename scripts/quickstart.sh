@@ -2,7 +2,8 @@
 # Quick start on CPU: fine-tuning teaches a tiny model to answer unit-conversion questions, measured by exact-match
 # accuracy on 100 held-out questions before and after.
 #  1. Build the tiny local model: tokenizer, chat template, then a short plain-text pretraining on conversion
-#     statements ("How many metres are in 47 kilometres? 47 km = 47000 m"), the held-out conversions excluded.
+#     questions and answers ("Q: How many metres are in 47 kilometres?\nA: 47 km = 47000 m"), the held-out
+#     conversions excluded.
 #     Like a real base model, it has read the facts but cannot answer a chat question.
 #  2. Accuracy of that base model on sample_data/chat_eval.jsonl: about 0%.
 #  3. QLoRA (4-bit) fine-tune on sample_data/chat.jsonl (1000 chats), then the same accuracy (--eval_accuracy).
@@ -16,7 +17,7 @@ OUTPUT_DIR=outputs/quickstart
 BEFORE=outputs/quickstart-base-answers.jsonl
 
 if [ ! -f "$MODEL_DIR/config.json" ]; then
-  python scripts/make_tiny_model.py --output_dir "$MODEL_DIR" --pretrain_steps 300
+  python scripts/make_tiny_model.py --output_dir "$MODEL_DIR" --pretrain_steps 600
 fi
 mkdir -p outputs
 python scripts/eval_accuracy.py "$MODEL_DIR" --data sample_data/chat_eval.jsonl --max_length 128 \
@@ -31,7 +32,7 @@ accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision n
   --cleanup_output_dir_on_start true \
   --use_qlora true \
   --qlora_bit_length 4 \
-  --num_train_epochs 3 \
+  --num_train_epochs 5 \
   --per_device_train_batch_size 8 \
   --per_device_eval_batch_size 50 \
   --learning_rate 0.005 \
