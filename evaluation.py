@@ -48,10 +48,17 @@ def generation_mode(model: PreTrainedModel):
             model.set_attn_implementation(attention)
 
 
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS (what training taught to end an answer) and any the generation config names."""
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({tokenizer.eos_token_id, *(token for token in configured if token is not None)})
+
+
 def generate_batch(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], max_new_tokens: int
 ) -> list[list[int]]:
-    """Greedy continuations of left-padded prompts; each stops at its end-of-turn token or after max_new_tokens."""
+    """Greedy continuations of left-padded prompts; each stops at an end-of-turn token or after max_new_tokens."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(prompt) for prompt in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=model.device)
@@ -63,7 +70,7 @@ def generate_batch(
         do_sample=False,
         use_cache=True,
         pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(model, tokenizer),
     )
     return output[:, width:].tolist()
 
