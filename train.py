@@ -3,14 +3,15 @@
 Defaults come from train.args beside this file; a config file given first (our options or Axolotl's, YAML or JSON,
 or a RunPod-style job body; see config_files.py) overrides them; flags on the command line override both.
 
-CPU smoke test with the embedded tiny model (what scripts/quickstart.sh runs):
-    python scripts/make_tiny_model.py --output_dir models/tiny-llama
-    accelerate launch --quiet --num_processes 1 train.py --model_id models/tiny-llama \
-        --train_data sample_data/chat.jsonl --output_dir outputs/quickstart --use_qlora true
+CPU smoke test with the embedded tiny model (scripts/quickstart.sh runs this with more options):
+    python scripts/make_tiny_model.py --output_dir models/tiny-llama-units --pretrain_steps 600
+    accelerate launch --quiet --num_processes 1 train.py --model_id models/tiny-llama-units \
+        --train_data sample_data/chat.jsonl --eval_data sample_data/chat_eval.jsonl --eval_accuracy true \
+        --output_dir outputs/quickstart --use_qlora true
 
 The same from an Axolotl-style config file (examples/), then chat with the result:
     accelerate launch --quiet --num_processes 1 train.py examples/axolotl_qlora_tiny.yaml
-    python scripts/generate.py outputs/axolotl-qlora "What is 12 + 30?"
+    python scripts/generate.py outputs/axolotl-qlora "Convert 250 kg to g."
 
 One GPU, QLoRA (scripts/single_gpu_qlora.sh):
     accelerate launch --quiet --num_processes 1 train.py --model_id meta-llama/Llama-3.1-8B-Instruct \

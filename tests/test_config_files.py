@@ -246,7 +246,7 @@ def test_example_own_yaml_trains_and_writes_samples(tiny_llama, tmp_path):
     _, args = example_ok("lora_tiny.yaml", tiny_llama, tmp_path / "out", "--report_to", "none")
     assert args["use_lora"] is True and args["lora_r"] == 16 and args["train_data"] == "sample_data/completion.jsonl"
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 4 and all(sample["prompt"].startswith("Q:") for sample in samples)
+    assert len(samples) == 4 and all(sample["prompt"].startswith("<s>Q:") for sample in samples)  # BOS included
 
 
 def test_example_job_body_trains_without_leaking_credentials(tiny_llama, tmp_path):
