@@ -11,6 +11,9 @@
 set -euo pipefail
 source "$(dirname "$0")/setup_venv.sh"
 cd "$REPO_ROOT"
+# The model's matrices are tiny: a second thread gains nothing, and on a busy machine it made each step many times
+# slower (threads waiting for each other).
+export OMP_NUM_THREADS=1
 
 MODEL_DIR=models/tiny-llama-units
 OUTPUT_DIR=outputs/quickstart
@@ -21,7 +24,7 @@ if [ ! -f "$MODEL_DIR/config.json" ]; then
 fi
 mkdir -p outputs
 python scripts/eval_accuracy.py "$MODEL_DIR" --data sample_data/chat_eval.jsonl --max_length 128 \
-  --label "base model, before fine-tuning" --examples 0 --output "$BEFORE"
+  --max_new_tokens 24 --label "base model, before fine-tuning" --examples 0 --output "$BEFORE"
 
 accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   train.py \
@@ -41,6 +44,7 @@ accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision n
   --logging_steps 20 \
   --eval_strategy no \
   --eval_accuracy true \
+  --eval_accuracy_max_new_tokens 24 \
   --save_strategy no \
   --dataloader_num_workers 0
 
