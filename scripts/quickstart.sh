@@ -11,9 +11,6 @@
 set -euo pipefail
 source "$(dirname "$0")/setup_venv.sh"
 cd "$REPO_ROOT"
-# The model's matrices are tiny: a second thread gains nothing, and on a busy machine it made each step many times
-# slower (threads waiting for each other).
-export OMP_NUM_THREADS=1
 
 MODEL_DIR=models/tiny-llama-units
 OUTPUT_DIR=outputs/quickstart
