@@ -32,8 +32,9 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 import chat_masks
 from chat_masks import ChatMaskError, chat_text_and_spans, masked_samples
-from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records, mask_url
+from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records
 from packing import IGNORE_INDEX, PackedCollator, pack_dataset
+from redaction import mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -384,7 +385,7 @@ def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0) -> l
     if duplicates:
         logger.warning("%s: dropped %d exact duplicate record(s) (--dedup true).", flag, duplicates)
     if not rows:
-        raise DataError(f"{flag}: {mask_url(spec)} holds no valid record.")
+        raise DataError(f"{flag}: {mask_secrets(spec)} holds no valid record.")
     return rows
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, launch_command, run_train
 from mlflow import MlflowClient
 
-from mlfoundry_utils import MASK, mask_secrets
+from redaction import MASK, mask_secrets
 from tracking import TrackingError, TrueFoundryTracker, tracking_problems
 
 SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
