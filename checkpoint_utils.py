@@ -147,6 +147,31 @@ class CheckpointCompletionCallback(TrainerCallback):
 # Preemption
 
 
+@contextmanager
+def ctrl_c_for_main_process_only():
+    """Ctrl-C reaches every process of the terminal's process group. Within this block, forked worker processes
+    (tokenizing with --preprocessing_num_workers) ignore it and only this process raises KeyboardInterrupt; its pool
+    then terminates the workers, so one line is reported instead of a traceback per worker. The interrupt wins over
+    the errors it causes on its way out (datasets' pool raises a TimeoutError while cleaning up)."""
+    main_pid, interrupted = os.getpid(), False
+
+    def interrupt_main_only(signum, frame):
+        nonlocal interrupted
+        if os.getpid() == main_pid:
+            interrupted = True
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt_main_only)
+    try:
+        yield
+    except Exception:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class PreemptionCallback(TrainerCallback):
     """On SIGTERM or SIGINT: finish the current optimizer step, save a complete checkpoint, stop training.
 

@@ -47,6 +47,7 @@ from checkpoint_utils import (
     OutputDirError,
     PreemptionCallback,
     cleanup_output_dir,
+    ctrl_c_for_main_process_only,
     explain_disk_full,
     lock_output_dir,
     mark_output_dir,
@@ -408,7 +409,7 @@ def main() -> None:
     tokenizer = load_tokenizer(model_args)
     apply_chat_template_option(tokenizer, data_args)
     max_length = resolve_max_length(data_args, tokenizer, model_max_positions(model_config))
-    with training_args.main_process_first(desc="preparing data"):
+    with training_args.main_process_first(desc="preparing data"), ctrl_c_for_main_process_only():
         train_dataset, eval_dataset = load_prepared_datasets(
             data_args, tokenizer, max_length, training_args.data_seed or training_args.seed
         )
