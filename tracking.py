@@ -299,6 +299,8 @@ def tracker_store_in_output_dir(tracking_args, training_args) -> bool:
 
 def tracking_problems(tracking_args, training_args) -> list[str]:
     problems = []
+    if tracking_args.tracker_upload_timeout < 0:
+        problems.append(f"--tracker_upload_timeout {tracking_args.tracker_upload_timeout:g} must be >= 0 (seconds).")
     if tracking_args.mlfoundry_enable_reporting and not tracking_args.mlfoundry_ml_repo:
         problems.append("--mlfoundry_enable_reporting true needs --mlfoundry_ml_repo <the ML repo to log to>.")
     if tracking_args.mlfoundry_enable_reporting and uses_mlflow(training_args):
@@ -359,7 +361,8 @@ def tracker_location(tracking_args) -> str:
 def start_tracker(model_args, data_args, lora_args, tracking_args, training_args) -> Tracker | None:
     """On the main process, open the run and log the params; None elsewhere or when no tracker is asked for.
 
-    Called right after argument validation: an unreachable tracker stops the run before anything is loaded.
+    A remote tracker is started right after argument validation, so an unreachable one stops the run before
+    anything is loaded; a local store (tracker_store_in_output_dir) once the data is valid and the output dir locked.
     """
     if not PartialState().is_main_process or data_args.prepare_data_only:
         return None

@@ -36,7 +36,7 @@ import datasets
 import transformers
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.utils import is_torch_bf16_gpu_available
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from checkpoint_utils import (
     PREEMPTED_EXIT_CODES,
@@ -230,7 +230,7 @@ def split_list_option(values: list[str]) -> list[str]:
 def precision_problem(args: TrainingArguments) -> str | None:
     if args.bf16 and args.fp16:
         return "--bf16 true and --fp16 true: pick one precision (bf16 on GPUs that have it, else fp16)."
-    if args.bf16 and not args.use_cpu and not is_torch_bf16_gpu_available():
+    if args.bf16 and not args.use_cpu and not is_torch_bf16_gpu_available() and not is_torch_xla_available():
         return "--bf16 true needs a GPU with bfloat16 (Ampere or newer); on a CPU add --use_cpu true, or drop --bf16."
     if args.bf16 and args.use_cpu and not cpu_has_bf16():
         return "--bf16 true: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); drop --bf16."
@@ -472,8 +472,11 @@ if __name__ == "__main__":
     except DiskFullError as error:
         logger.error("%s", error)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C before training started (during training it saves a checkpoint, exit 130)
-        logger.error("Interrupted (Ctrl-C) before training started; nothing was trained. Rerun to start again.")
+    except KeyboardInterrupt:  # outside training (during training Ctrl-C saves a checkpoint, then exits 130)
+        logger.error(
+            "Interrupted (Ctrl-C). Rerun the same command to start again (with --resume_from_checkpoint true, from "
+            "the newest complete checkpoint, if any)."
+        )
         sys.exit(PREEMPTED_EXIT_CODES[signal.SIGINT])
     except TrainingStopped as stop:
         logger.error("%s", stop)

@@ -320,7 +320,7 @@ def test_ctrl_c_while_tokenizing_exits_130_with_one_line(tiny_llama, tmp_path):
     output = "".join(lines)
     assert "Traceback" not in output and "tokenizing failed" not in output, output[-4000:]
     assert [line for line in lines if "ERROR" in line] == [
-        next(line for line in lines if "Interrupted (Ctrl-C) before training started" in line)
+        next(line for line in lines if "Interrupted (Ctrl-C). Rerun the same command" in line)
     ]
     assert not (tmp_path / "out").exists()
 

@@ -394,7 +394,8 @@ def test_truefoundry_without_the_package_says_how_to_install_it(monkeypatch):
 
 def test_tracking_option_problems(monkeypatch):
     def problems(report_to, cleanup=False, **tracking):
-        defaults = {"mlfoundry_enable_reporting": False, "mlfoundry_ml_repo": None, "mlflow_log_checkpoints": False}
+        defaults = {"mlfoundry_enable_reporting": False, "mlfoundry_ml_repo": None, "mlflow_log_checkpoints": False,
+                    "tracker_upload_timeout": 600}  # fmt: skip
         training = SimpleNamespace(report_to=report_to, cleanup_output_dir_on_start=cleanup)
         return tracking_problems(SimpleNamespace(**{**defaults, **tracking}), training)
 
