@@ -257,8 +257,10 @@ def setup_logging(training_args: TrainingArguments) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(SecretMaskingFilter())
+    # transformers and datasets write through handlers of their own.
+    for name in ("", "transformers", "datasets"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(SecretMaskingFilter())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
 
