@@ -374,7 +374,9 @@ def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0, max_
             if args.long_sequence_strategy == "drop":
                 dropped += 1
                 continue
-            row = truncated_record(row, max_chars)
+            # Twice the bound: the tokens of the first max_chars characters (at least max_length of them) stay
+            # clear of the cut, where a word split in two would tokenize differently.
+            row = truncated_record(row, 2 * max_chars)
         if args.default_system_message and row["kind"] == "chat":
             row = with_system_message(row, args.default_system_message)
         if args.dedup:
@@ -427,8 +429,7 @@ def record_chars(row: dict) -> int:
 
 
 def truncated_record(row: dict, max_chars: int) -> dict:
-    """The record's first max_chars characters of text, in order (later chat turns dropped): still more than
-    max_length tokens, so the token-level truncation cuts it exactly where it would have cut the whole record."""
+    """The record's first max_chars characters of text, in order (later chat turns dropped)."""
     if row["kind"] == "chat":
         messages, budget = [], max_chars
         for message in json.loads(row["messages"]):
