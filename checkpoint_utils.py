@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,8 +165,11 @@ def ctrl_c_for_main_process_only():
     previous = signal.signal(signal.SIGINT, interrupt_main_only)
     try:
         yield
-    except Exception:
+    except BaseException:
         if interrupted:
+            # The pool's generator, closed later by the garbage collector, raises again while cleaning up; Python
+            # would print that as "Exception ignored ... Traceback". The process is on its way out: stay quiet.
+            sys.unraisablehook = lambda unraisable: None
             raise KeyboardInterrupt from None
         raise
     finally:
