@@ -160,6 +160,9 @@ def ctrl_c_for_main_process_only():
         nonlocal interrupted
         if os.getpid() == main_pid:
             interrupted = True
+            # The pool's generator, closed while the interrupt unwinds, raises again in its clean-up; Python would
+            # print that as "Exception ignored ... Traceback". The process is on its way out: stay quiet.
+            sys.unraisablehook = lambda unraisable: None
             raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, interrupt_main_only)
@@ -167,9 +170,6 @@ def ctrl_c_for_main_process_only():
         yield
     except BaseException:
         if interrupted:
-            # The pool's generator, closed later by the garbage collector, raises again while cleaning up; Python
-            # would print that as "Exception ignored ... Traceback". The process is on its way out: stay quiet.
-            sys.unraisablehook = lambda unraisable: None
             raise KeyboardInterrupt from None
         raise
     finally:
