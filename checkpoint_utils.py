@@ -6,6 +6,8 @@ process killed mid-save leaves a directory that looks like a checkpoint; the mar
 checkpoint is fsynced, is what tells the two apart.
 """
 
+import errno
+import fcntl
 import json
 import logging
 import math
@@ -13,6 +15,10 @@ import os
 import re
 import shutil
 import signal
+import socket
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 # Written into every output dir this script creates; --cleanup_output_dir_on_start deletes only such dirs.
 OUTPUT_DIR_MARKER = ".finetune_output_dir"
+# Held (flock) by the run using the output dir; the kernel releases it when the process dies, however it dies.
+OUTPUT_DIR_LOCK = ".finetune.lock"
 COMPLETE_MARKER = "checkpoint_complete.json"
 REPO_ROOT = Path(__file__).resolve().parent
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -34,6 +42,10 @@ WATCHDOG_EXIT_CODE = 3
 
 class OutputDirError(Exception):
     """The output directory cannot be used as asked; the message says why and what to do."""
+
+
+class DiskFullError(Exception):
+    """Saving failed because the disk is full; the message says where and which checkpoint is intact."""
 
 
 # Checkpoint completeness
@@ -101,11 +113,21 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str) -> str | None:
             return None
         logger.info("Resuming from %s.", complete[-1])
         return str(complete[-1])
-    if not Path(value).is_dir():
-        raise OutputDirError(f"--resume_from_checkpoint {value}: no such checkpoint directory.")
-    if not is_complete(Path(value)):
-        raise OutputDirError(f"--resume_from_checkpoint {value}: the checkpoint is incomplete (no {COMPLETE_MARKER}).")
+    problem = resume_path_problem(value)
+    if problem:
+        raise OutputDirError(problem)
     return value
+
+
+def resume_path_problem(value: str | None) -> str | None:
+    """Why --resume_from_checkpoint PATH cannot be resumed from, or None ('true', 'false' and unset are no paths)."""
+    if value is None or value.lower() in ("true", "false", ""):
+        return None
+    if not Path(value).is_dir():
+        return f"--resume_from_checkpoint {value}: no such checkpoint directory."
+    if not is_complete(Path(value)):
+        return f"--resume_from_checkpoint {value}: the checkpoint is incomplete (no {COMPLETE_MARKER})."
+    return None
 
 
 class CheckpointCompletionCallback(TrainerCallback):
@@ -124,6 +146,34 @@ class CheckpointCompletionCallback(TrainerCallback):
 
 
 # Preemption
+
+
+@contextmanager
+def ctrl_c_for_main_process_only():
+    """Ctrl-C reaches every process of the terminal's process group. Within this block, forked worker processes
+    (tokenizing with --preprocessing_num_workers) ignore it and only this process raises KeyboardInterrupt; its pool
+    then terminates the workers, so one line is reported instead of a traceback per worker. The interrupt wins over
+    the errors it causes on its way out (datasets' pool raises a TimeoutError while cleaning up)."""
+    main_pid, interrupted = os.getpid(), False
+
+    def interrupt_main_only(signum, frame):
+        nonlocal interrupted
+        if os.getpid() == main_pid:
+            interrupted = True
+            # The pool's generator, closed while the interrupt unwinds, raises again in its clean-up; Python would
+            # print that as "Exception ignored ... Traceback". The process is on its way out: stay quiet.
+            sys.unraisablehook = lambda unraisable: None
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt_main_only)
+    try:
+        yield
+    except BaseException:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class PreemptionCallback(TrainerCallback):
@@ -224,7 +274,8 @@ def refusal_to_delete(path: Path) -> str | None:
         return f"{path} is the repository root or one of its parents"
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         return f"{path} is the current directory or one of its parents"
-    if resolved.is_dir() and any(resolved.iterdir()) and not (resolved / OUTPUT_DIR_MARKER).exists():
+    entries = [e for e in resolved.iterdir() if e.name != OUTPUT_DIR_LOCK] if resolved.is_dir() else []
+    if entries and not (resolved / OUTPUT_DIR_MARKER).exists():
         return f"{path} is not empty and was not created by this script (no {OUTPUT_DIR_MARKER} marker)"
     if resolved.exists() and not resolved.is_dir():
         return f"{path} is a file, not an output directory"
@@ -239,10 +290,84 @@ def cleanup_output_dir(output_dir: str) -> None:
     if reason:
         raise OutputDirError(f"--cleanup_output_dir_on_start refused: {reason}. Nothing was deleted.")
     logger.warning("--cleanup_output_dir_on_start: deleting %s.", path)
-    shutil.rmtree(path)
+    for entry in path.iterdir():
+        if entry.name == OUTPUT_DIR_LOCK:  # this run holds it: deleting it would let another run in
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if not any(path.iterdir()):
+        path.rmdir()
 
 
 def mark_output_dir(output_dir: str) -> None:
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / OUTPUT_DIR_MARKER).touch()
+
+
+# One run per output directory
+
+_held_locks: dict[Path, int] = {}  # output dir -> open file descriptor holding its lock, for the process's life
+
+
+def lock_output_dir(output_dir: str, create: bool) -> None:
+    """Take the output dir's lock for the rest of this process, or raise OutputDirError naming the run holding it.
+
+    With create=False a directory that does not exist yet is left alone (nothing may be created before the data is
+    valid); the lock is then taken when the directory is created. Taking a lock already held here does nothing.
+    """
+    path = Path(output_dir).resolve()
+    if path in _held_locks or (not create and not path.is_dir()):
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / OUTPUT_DIR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise OutputDirError(
+            f"--output_dir {output_dir} is in use by another run ({holder}). Wait for it to finish, stop it, or "
+            "pass another --output_dir."
+        ) from None
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode())
+    _held_locks[path] = fd
+
+
+# A full disk while saving
+
+
+def is_disk_full(error: BaseException, directory: Path) -> bool:
+    """torch.save reports a full disk as 'iostream error' (no errno) and safetensors as text with the OS's message,
+    so look for ENOSPC in the exception chain, the OS's text for it, or a disk with no space left."""
+    seen = error
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    return shutil.disk_usage(existing).free < 1 << 20
+
+
+@contextmanager
+def explain_disk_full(output_dir: str):
+    """Turn a save that failed on a full disk into one message: where, and what is still intact."""
+    try:
+        yield
+    except Exception as error:
+        path = Path(output_dir).absolute()
+        if not is_disk_full(error, path):
+            raise
+        complete = [c for c in checkpoint_dirs(output_dir) if is_complete(c)]
+        intact = (
+            f"The last complete checkpoint, {complete[-1]}, is intact: free space, then rerun with "
+            "--resume_from_checkpoint true to continue from it."
+            if complete
+            else "No complete checkpoint was saved before it: free space and rerun."
+        )
+        failure = type(error).__name__
+        raise DiskFullError(f"the disk holding {path} is full: saving failed ({failure}). {intact}") from None

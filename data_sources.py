@@ -31,6 +31,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from redaction import mask_secrets
+
 try:
     from aiohttp import ClientError as HTTPClientError
 except ImportError:  # only http(s):// needs aiohttp, and those URLs then fail earlier with an install hint
@@ -56,11 +58,6 @@ READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowException, HTTPClientError
 LOAD_ERRORS = (OSError, ValueError, datasets.exceptions.DatasetsError)
 CHUNK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 1024
-MASK = "***"
-URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+)(?::(?P<password>[^/\s]*))?@")
-SECRET_QUERY_PARAMETER = re.compile(
-    r"(?P<name>[?&;][\w.-]*?(?:token|key|signature|sig|credential|password|secret))=[^&#\s\"'<>)]*", re.IGNORECASE
-)
 FINGERPRINT_FLAG = "data source"
 
 Record = tuple[str, Any]
@@ -110,11 +107,6 @@ def iter_source_records(spec: str, flag: str, cache_dir: str | None = None) -> I
     return iter_hub_records(name, split, flag)
 
 
-def mask_url(text: str) -> str:
-    """Replace credentials in URLs (user:password@, token=/key=/signature=/... query parameters) with '***'."""
-    return SECRET_QUERY_PARAMETER.sub(rf"\g<name>={MASK}", URL_CREDENTIALS.sub(mask_url_credentials, text))
-
-
 def fingerprint_source(spec: str) -> str:
     """A short stable hash of the source's content identity, for a cache key (no file is read whole)."""
     identity = json.dumps(source_identity(spec), sort_keys=True, default=str)
@@ -146,7 +138,7 @@ def hub_id_and_split(spec: str, flag: str) -> tuple[str, str | None]:
     is_hub_id = HUB_ID.fullmatch(name) and not name.lower().endswith(DATA_SUFFIXES)
     if not is_hub_id or (split and not SPLIT_NAME.fullmatch(split)):
         raise DataError(
-            f"{flag}: {mask_url(spec)} does not exist. Pass a {SUPPORTED_FILES} file, a directory of them, a URL "
+            f"{flag}: {mask_secrets(spec)} does not exist. Pass a {SUPPORTED_FILES} file, a directory of them, a URL "
             "(https://, s3://, gs://, hf://, ...), a Hugging Face dataset id (org/name or org/name:split) or a "
             "TrueFoundry artifact FQN (artifact:<tenant>/<ml-repo>/<name>:<version>)."
         )
@@ -312,7 +304,7 @@ def describe_error(error: BaseException) -> str:
     """What went wrong, secrets masked; fsspec hides the real cause (HTTP status, refused connection) behind it."""
     if error.__cause__ is not None:
         error = error.__cause__
-    return mask_url(f"{type(error).__name__}: {error}")
+    return mask_secrets(f"{type(error).__name__}: {error}")
 
 
 # Datasets: save_to_disk directories and the Hugging Face hub
@@ -383,7 +375,7 @@ def iter_dataset_rows(dataset: datasets.Dataset, name: str) -> Iterator[Record]:
 
 def iter_url_records(url: str, scheme: str, flag: str) -> Iterator[Record]:
     filesystem, path = url_filesystem(url, scheme, flag)
-    name = mask_url(url)
+    name = mask_secrets(url)
     if suffix := data_suffix(url):
         return iter_files_records([remote_data_file(filesystem, path, name, suffix)], flag)
     entries = list_remote_directory(filesystem, path, name, flag)
@@ -399,7 +391,7 @@ def iter_url_records(url: str, scheme: str, flag: str) -> Iterator[Record]:
 def url_filesystem(url: str, scheme: str, flag: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if scheme not in fsspec.available_protocols() and scheme not in fsspec.registry:
         raise DataError(
-            f"{flag}: {mask_url(url)} has the unknown URL scheme {scheme}://. Use a local path, a hub dataset id, "
+            f"{flag}: {mask_secrets(url)} has the unknown URL scheme {scheme}://. Use a local path, a hub dataset id, "
             "or a URL that fsspec supports (https://, s3://, gs://, az://, hf://, ...)."
         )
     try:
@@ -491,15 +483,7 @@ def download_artifact(fqn: str, flag: str, destination: Path) -> Path:
     return Path(downloaded) if downloaded else destination
 
 
-# Masking and fingerprints
-
-
-def mask_url_credentials(match: re.Match) -> str:
-    if match["password"] is not None:
-        return f"{match['scheme']}{match['user']}:{MASK}@"
-    if match["scheme"].lower().startswith("http"):  # a bare token used as the user name: https://TOKEN@host
-        return f"{match['scheme']}{MASK}@"
-    return match[0]  # az://container@account and the like name a place, not a secret
+# Fingerprints
 
 
 def source_identity(spec: str) -> list:
@@ -509,7 +493,7 @@ def source_identity(spec: str) -> list:
     if scheme == "file":
         return ["local", None, local_identity(Path(spec.removeprefix("file://")).expanduser())]
     if scheme:
-        return ["url", mask_url(spec), remote_identity(spec, scheme)]
+        return ["url", mask_secrets(spec), remote_identity(spec, scheme)]
     if local := split_local_spec(spec):
         path, split = local
         return ["local", split, local_identity(path)]
@@ -533,7 +517,7 @@ def remote_identity(url: str, scheme: str) -> list:
     if data_suffix(url):
         paths = [path]
     else:
-        entries = list_remote_directory(filesystem, path, mask_url(url), FINGERPRINT_FLAG)
+        entries = list_remote_directory(filesystem, path, mask_secrets(url), FINGERPRINT_FLAG)
         keep_all = is_saved_dataset(set(entries))
         paths = [entry for base, entry in sorted(entries.items()) if keep_all or data_suffix(base)]
     return [remote_file_identity(filesystem, path, url) for path in paths]
@@ -543,8 +527,8 @@ def remote_file_identity(filesystem: fsspec.AbstractFileSystem, path: str, url: 
     try:
         info = filesystem.info(path)
     except READ_ERRORS as error:
-        raise DataError(f"{FINGERPRINT_FLAG}: could not open {mask_url(url)}: {describe_error(error)}") from None
-    return [mask_url(path), *(info.get(field) for field in REMOTE_IDENTITY_FIELDS)]
+        raise DataError(f"{FINGERPRINT_FLAG}: could not open {mask_secrets(url)}: {describe_error(error)}") from None
+    return [mask_secrets(path), *(info.get(field) for field in REMOTE_IDENTITY_FIELDS)]
 
 
 def hub_fingerprint(name: str, split: str | None) -> str:

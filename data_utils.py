@@ -32,8 +32,9 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 import chat_masks
 from chat_masks import ChatMaskError, chat_text_and_spans, masked_samples
-from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records, mask_url
+from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records
 from packing import IGNORE_INDEX, PackedCollator, pack_dataset
+from redaction import mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -356,14 +357,26 @@ def with_system_message(row: dict, system_message: str) -> dict:
     return {**row, "messages": json.dumps(messages, ensure_ascii=False)}
 
 
-def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0) -> list[dict]:
-    """Read and validate every record of a source; stop with a report, or drop the invalid ones when asked."""
+def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0, max_chars: int | None = None) -> list[dict]:
+    """Read and validate every record of a source; stop with a report, or drop the invalid ones when asked. Records
+    longer than `max_chars` characters meet --long_sequence_strategy here, before they cost any tokenizing."""
     rows, report, seen, duplicates = [], ProblemReport(), set(), 0
+    too_long, dropped = ProblemReport(), 0
     for location, value in iter_source_records(spec, flag):
         row = value.reason if isinstance(value, InvalidRecord) else normalize_record(value, args.data_format)
         if isinstance(row, str):
             report.add(location, row)
             continue
+        if max_chars and (chars := record_chars(row)) > max_chars:
+            if args.long_sequence_strategy == "error":
+                too_long.add(location, f"{chars} characters")
+                continue
+            if args.long_sequence_strategy == "drop":
+                dropped += 1
+                continue
+            # Twice the bound: the tokens of the first max_chars characters (at least max_length of them) stay
+            # clear of the cut, where a word split in two would tokenize differently.
+            row = truncated_record(row, 2 * max_chars)
         if args.default_system_message and row["kind"] == "chat":
             row = with_system_message(row, args.default_system_message)
         if args.dedup:
@@ -379,20 +392,66 @@ def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0) -> l
         raise DataError(
             f"{flag}: {report.text()}\nFix these records, or pass --skip_invalid_samples true to drop them."
         )
+    if too_long.total:
+        raise DataError(
+            f"{flag}: {too_long.total} record(s) hold more than {max_chars} characters of text, more than "
+            "--max_length tokens can cover whatever the tokenizer does:\n  "
+            + "\n  ".join(too_long.shown)
+            + "\nRaise --max_length, or pass --long_sequence_strategy truncate or drop."
+        )
+    if dropped:
+        logger.warning("%s: dropped %d record(s) longer than %d characters (--long_sequence_strategy drop).",
+                       flag, dropped, max_chars)  # fmt: skip
     if report.total:
         logger.warning("%s: dropped %s", flag, report.text())
     if duplicates:
         logger.warning("%s: dropped %d exact duplicate record(s) (--dedup true).", flag, duplicates)
     if not rows:
-        raise DataError(f"{flag}: {mask_url(spec)} holds no valid record.")
+        raise DataError(f"{flag}: {mask_secrets(spec)} holds no valid record.")
     return rows
 
 
-def load_raw_datasets(args: DataArguments, seed: int) -> tuple[Dataset, Dataset | None]:
+# Length pre-check: bounds the work per record before tokenizing (a 20 MB line would take minutes and gigabytes)
+
+
+def max_record_chars(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """Characters of record text that surely make more than max_length tokens: no token covers more characters of
+    text than its string in the vocabulary has (byte-level and SentencePiece pieces spell each byte or space with one
+    character), so a record with more than max_length x the longest token's characters is longer than max_length."""
+    return max_length * max(len(token) for token in tokenizer.get_vocab())
+
+
+def record_chars(row: dict) -> int:
+    """Characters of the record's text (template text only adds to it); tokenized records are measured later."""
+    if row["kind"] == "chat":
+        return sum(len(m.get("content") or "") for m in json.loads(row["messages"]))
+    return sum(len(row[key] or "") for key in ("prompt", "completion", "text"))
+
+
+def truncated_record(row: dict, max_chars: int) -> dict:
+    """The record's first max_chars characters of text, in order (later chat turns dropped)."""
+    if row["kind"] == "chat":
+        messages, budget = [], max_chars
+        for message in json.loads(row["messages"]):
+            if budget <= 0:
+                break
+            content = message.get("content") or ""
+            messages.append({**message, "content": content[:budget]} if content else message)
+            budget -= len(content)
+        return {**row, "messages": json.dumps(messages, ensure_ascii=False)}
+    cut, budget = {}, max_chars
+    for key in ("prompt", "completion", "text"):
+        if row[key] is not None:
+            cut[key] = row[key][: max(budget, 0)]
+            budget -= len(row[key])
+    return {**row, **cut}
+
+
+def load_raw_datasets(args: DataArguments, seed: int, max_chars: int | None = None) -> tuple[Dataset, Dataset | None]:
     """Validated train (and eval) records, before tokenization."""
-    train = Dataset.from_list(read_records(args.train_data, "--train_data", args, args.max_num_samples))
+    train = Dataset.from_list(read_records(args.train_data, "--train_data", args, args.max_num_samples, max_chars))
     if args.eval_data != NO_EVAL_DATA:
-        return train, Dataset.from_list(read_records(args.eval_data, "--eval_data", args))
+        return train, Dataset.from_list(read_records(args.eval_data, "--eval_data", args, max_chars=max_chars))
     if not args.eval_size:
         return train, None
     test_size = args.eval_size if args.eval_size < 1 else int(args.eval_size)
@@ -663,7 +722,7 @@ def load_prepared_datasets(
         if "chat_template" in train.info.description:
             tokenizer.chat_template = json.loads(train.info.description)["chat_template"]
     else:
-        raw_train, raw_eval = load_raw_datasets(args, seed)
+        raw_train, raw_eval = load_raw_datasets(args, seed, max_record_chars(tokenizer, max_length))
         train, evaluation = prepare_datasets(args, tokenizer, raw_train, raw_eval, max_length)
         if cache is not None:
             save_to_cache(cache, tokenizer, train, evaluation)

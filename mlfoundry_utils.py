@@ -2,14 +2,10 @@
 
 import dataclasses
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SECRET_NAME = re.compile(r"token|key|secret|password", re.IGNORECASE)
-URL_PASSWORD = re.compile(r"(?<=://)([^:/@\s]+):([^@/\s]+)@")
-MASK = "***"
+from redaction import mask_secrets
 
 
 @dataclass
@@ -39,30 +35,18 @@ class TrackingArguments:
             "attempt of a job so that --resume_from_checkpoint true can continue from the run's uploaded checkpoint."
         },
     )
+    tracker_upload_timeout: float = field(
+        default=600,
+        metadata={
+            "help": "Seconds to wait, all together, for the uploads still pending once the final model is saved "
+            "(metrics, checkpoints, the model version); after that the run ends (exit code 0) with a warning "
+            "listing what the tracker did not get. Raise it to upload large models over slow links."
+        },
+    )
     mlflow_log_checkpoints: bool = field(
         default=False,
         metadata={"help": "Upload every saved checkpoint to the MLflow run (with --report_to mlflow)."},
     )
-
-
-def secret_environment_values() -> list[str]:
-    """Values of environment variables whose name looks secret (short ones like 'false' are not secrets)."""
-    return [value for name, value in os.environ.items() if SECRET_NAME.search(name) and len(value) >= 8]
-
-
-def mask_secrets(value, name: str = ""):
-    """Hide values whose option name looks secret, passwords inside URLs, and secret environment variables' values."""
-    if isinstance(value, dict):
-        return {key: mask_secrets(item, key) for key, item in value.items()}
-    if isinstance(value, list):
-        return [mask_secrets(item, name) for item in value]
-    if value is not None and SECRET_NAME.search(name):
-        return MASK
-    if isinstance(value, str):
-        for secret in secret_environment_values():
-            value = value.replace(secret, MASK)
-        return URL_PASSWORD.sub(rf"\1:{MASK}@", value)
-    return value
 
 
 def run_arguments(*argument_groups) -> dict:

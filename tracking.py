@@ -10,12 +10,13 @@ import atexit
 import json
 import logging
 import os
+import queue
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from checkpoint_utils import COMPLETE_MARKER, checkpoint_dirs, is_complete
 from data_utils import NO_EVAL_DATA
-from mlfoundry_utils import mask_secrets, run_arguments
+from mlfoundry_utils import run_arguments
 from model_utils import ADAPTER_SUBDIR
 from packing import is_packed, rows_efficiency
+from redaction import mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class Tracker:
     run_label = ""
     healthy = True  # False once a call failed every try, until one succeeds
     ended = False
+    uploads: "UploadWorker"  # every call after the start goes through it, in order
 
     def log_params(self, params: dict[str, str]) -> None:
         raise NotImplementedError
@@ -286,8 +289,19 @@ def uses_mlflow(training_args) -> bool:
     return "mlflow" in (training_args.report_to or [])
 
 
+def tracker_store_in_output_dir(tracking_args, training_args) -> bool:
+    """MLflow without MLFLOW_TRACKING_URI keeps its store (mlflow.db, mlartifacts/) in --output_dir."""
+    return (
+        uses_mlflow(training_args)
+        and not tracking_args.mlfoundry_enable_reporting
+        and not os.environ.get("MLFLOW_TRACKING_URI")
+    )
+
+
 def tracking_problems(tracking_args, training_args) -> list[str]:
     problems = []
+    if tracking_args.tracker_upload_timeout < 0:
+        problems.append(f"--tracker_upload_timeout {tracking_args.tracker_upload_timeout:g} must be >= 0 (seconds).")
     if tracking_args.mlfoundry_enable_reporting and not tracking_args.mlfoundry_ml_repo:
         problems.append("--mlfoundry_enable_reporting true needs --mlfoundry_ml_repo <the ML repo to log to>.")
     if tracking_args.mlfoundry_enable_reporting and uses_mlflow(training_args):
@@ -348,7 +362,8 @@ def tracker_location(tracking_args) -> str:
 def start_tracker(model_args, data_args, lora_args, tracking_args, training_args) -> Tracker | None:
     """On the main process, open the run and log the params; None elsewhere or when no tracker is asked for.
 
-    Called right after argument validation: an unreachable tracker stops the run before anything is loaded.
+    A remote tracker is started right after argument validation, so an unreachable one stops the run before
+    anything is loaded; a local store (tracker_store_in_output_dir) once the data is valid and the output dir locked.
     """
     if not PartialState().is_main_process or data_args.prepare_data_only:
         return None
@@ -366,8 +381,9 @@ def start_tracker(model_args, data_args, lora_args, tracking_args, training_args
             "TFY_API_KEY), or train without it (--report_to tensorboard, --mlfoundry_enable_reporting false)."
         ) from None
     logger.info("Tracking to %s: %s.", tracker.name, tracker.run_label)
+    tracker.uploads = UploadWorker(tracker, tracking_args.tracker_upload_timeout)
     # A run that stops early (preemption, watchdog, crash) is marked failed; a finished run has ended already.
-    atexit.register(end_run, tracker, "FAILED")
+    atexit.register(finish_run, tracker, "FAILED")
     return tracker
 
 
@@ -383,10 +399,19 @@ def log_packing_efficiency(tracker: Tracker | None, max_length: int, **splits) -
         run_with_retries(tracker, "logging the packing efficiency", lambda: tracker.log_params(params), retry=False)
 
 
-def end_run(tracker: Tracker, status: str) -> None:
-    if not tracker.ended:
-        tracker.ended = True
-        run_with_retries(tracker, f"marking the run {status}", lambda: tracker.end(status), retry=False)
+def finish_run(tracker: Tracker, status: str) -> None:
+    """Queue the run's end behind the pending uploads, then wait for all of them within one deadline; a tracker
+    that does not answer in time is left behind with a warning naming what it did not get."""
+    if tracker.ended:
+        return
+    tracker.ended = True
+    tracker.uploads.submit(f"marking the run {status}", lambda: tracker.end(status), retry=False)
+    not_done = tracker.uploads.wait()
+    if not_done:
+        logger.warning(
+            "%s did not answer within --tracker_upload_timeout %.0f s; not done: %s.",
+            tracker.name, tracker.uploads.timeout, "; ".join(not_done),
+        )  # fmt: skip
 
 
 # Resume from the tracker
@@ -424,30 +449,58 @@ def restore_checkpoint_from_tracker(tracker: Tracker | None, training_args) -> N
 # Logging during training
 
 
-class UploadWorker:
-    """Runs tracker calls in order on one background thread; failures are retried, then logged, never raised."""
+@dataclass
+class Upload:
+    description: str
+    call: Callable[[], None]
+    retry: bool
+    cleanup: Callable[[], None] | None
+    done: threading.Event
 
-    def __init__(self, tracker: Tracker):
-        self.tracker = tracker
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracker")
-        self.pending: list[Future] = []
+
+class UploadWorker:
+    """Runs tracker calls in order on one background thread; failures are retried, then logged, never raised.
+
+    The thread is a daemon: a tracker that hangs (a frozen server answers nothing until its timeout) cannot keep the
+    process from exiting once wait() has given up on it.
+    """
+
+    def __init__(self, tracker: Tracker, timeout: float):
+        self.tracker, self.timeout = tracker, timeout
+        self.queue: queue.Queue[Upload] = queue.Queue()
+        self.pending: list[Upload] = []
+        self.thread: threading.Thread | None = None
 
     def submit(self, description: str, call: Callable[[], None], retry: bool, cleanup: Callable | None = None):
-        self.pending = [f for f in self.pending if not f.done()]
-        self.pending.append(self.executor.submit(self._run, description, call, retry, cleanup))
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._work, name="tracker", daemon=True)
+            self.thread.start()
+        upload = Upload(description, call, retry, cleanup, threading.Event())
+        self.pending = [u for u in self.pending if not u.done.is_set()] + [upload]
+        self.queue.put(upload)
 
-    def _run(self, description, call, retry, cleanup):
-        try:
-            run_with_retries(self.tracker, description, call, retry)
-        finally:
-            if cleanup:
-                cleanup()
+    def _work(self):
+        while True:
+            upload = self.queue.get()
+            try:
+                run_with_retries(self.tracker, upload.description, upload.call, upload.retry)
+            finally:
+                if upload.cleanup:
+                    upload.cleanup()
+                upload.done.set()
 
-    def wait(self) -> None:
-        pending = [f for f in self.pending if not f.done()]
+    def wait(self) -> list[str]:
+        """Wait for every pending call, all of them within the timeout; return those still not done."""
+        pending = [u for u in self.pending if not u.done.is_set()]
         if pending:
-            logger.info("Waiting for %d pending %s upload(s).", len(pending), self.tracker.name)
-        wait(pending)
+            logger.info(
+                "Waiting up to %.0f s (--tracker_upload_timeout) for %d pending %s call(s).",
+                self.timeout, len(pending), self.tracker.name,
+            )  # fmt: skip
+        deadline = time.monotonic() + self.timeout
+        for upload in pending:
+            upload.done.wait(max(0.0, deadline - time.monotonic()))
+        return [u.description for u in pending if not u.done.is_set()]
 
 
 def run_with_retries(tracker: Tracker, description: str, call: Callable[[], None], retry: bool) -> bool:
@@ -485,12 +538,12 @@ def gpu_memory_metrics(world_size: int) -> dict[str, float]:
 
 
 class TrackingCallback(TrainerCallback):
-    """Metrics at every log, checkpoint uploads after each checkpoint is marked complete (so it must run after
-    CheckpointCompletionCallback), and a wait for pending uploads at the end of training."""
+    """Metrics at every log, and checkpoint uploads after each checkpoint is marked complete (so it must run after
+    CheckpointCompletionCallback). Pending calls are waited for in report_run, once the final model is saved."""
 
     def __init__(self, tracker: Tracker, log_checkpoints: bool):
         self.tracker, self.log_checkpoints = tracker, log_checkpoints
-        self.worker = UploadWorker(tracker)
+        self.worker = tracker.uploads
         self.last = None  # (time, input tokens seen, global step) at the previous training log
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -545,9 +598,6 @@ class TrackingCallback(TrainerCallback):
             retry=True,
             cleanup=lambda: shutil.rmtree(staged, ignore_errors=True),
         )
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.worker.wait()
 
 
 def link_or_copy(source: str, destination: str) -> None:
@@ -702,7 +752,8 @@ def stage_model_files(output_dir: Path) -> Path:
 
 
 def report_run(tracker, trainer, argument_groups, train_dataset, eval_dataset) -> None:
-    """Main process, after the model is saved: model card and curves, then the model version, files and run end."""
+    """Main process, after the model is saved: model card and curves, then the model version, files and run end,
+    queued behind the pending uploads, all of them within --tracker_upload_timeout."""
     output_dir = Path(trainer.args.output_dir)
     log_history = trainer.state.log_history
     summary = run_summary(argument_groups, log_history, train_dataset, eval_dataset)
@@ -723,10 +774,10 @@ def report_run(tracker, trainer, argument_groups, train_dataset, eval_dataset) -
     }  # fmt: skip
     name = sanitize_name(f"finetuned-{Path(summary['base_model']).name}")
     step = trainer.state.global_step
+    tracker.uploads.submit("logging the model", lambda: tracker.log_model(staged, name, metadata, step), retry=True)
+    for path in files:
+        tracker.uploads.submit(f"uploading {path.name}", lambda path=path: tracker.log_file(path), retry=True)
     try:
-        run_with_retries(tracker, "logging the model", lambda: tracker.log_model(staged, name, metadata, step), True)
+        finish_run(tracker, "FINISHED")
     finally:
         shutil.rmtree(output_dir / UPLOAD_STAGING, ignore_errors=True)
-    for path in files:
-        run_with_retries(tracker, f"uploading {path.name}", lambda path=path: tracker.log_file(path), True)
-    end_run(tracker, "FINISHED")

@@ -26,10 +26,12 @@ DeepSpeed ZeRO-3 (scripts/deepspeed_zero3_full.sh; configs in deepspeed_configs/
 """
 
 import copy
+import json
 import logging
 import os
+import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import quiet  # first: bitsandbytes warns while the libraries below are imported
 
@@ -39,14 +41,20 @@ import torch
 import transformers
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from checkpoint_utils import (
+    PREEMPTED_EXIT_CODES,
     WATCHDOG_EXIT_CODE,
     CheckpointCompletionCallback,
+    DiskFullError,
     LossWatchdogCallback,
     OutputDirError,
     PreemptionCallback,
     cleanup_output_dir,
+    ctrl_c_for_main_process_only,
+    explain_disk_full,
+    lock_output_dir,
     mark_output_dir,
     remove_incomplete_checkpoints,
     remove_intermediate_checkpoints,
@@ -83,7 +91,9 @@ from model_utils import (
     write_final_model,
     write_sample_generations,
 )
+from option_checks import cpu_has_bf16, option_value_problems
 from packing import packed_attention
+from redaction import SecretMaskingFilter, mask_secrets, register_secret_options
 from tracking import (
     TrackingError,
     attach_tracker,
@@ -91,6 +101,7 @@ from tracking import (
     report_run,
     restore_checkpoint_from_tracker,
     start_tracker,
+    tracker_store_in_output_dir,
     tracking_problems,
 )
 
@@ -113,8 +124,12 @@ class TrainingStopped(Exception):
 class FinetuneTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments plus the TrueFoundry launcher's options, with defaults for fine-tuning."""
 
-    report_to: None | str | list[str] = field(
-        default="tensorboard", metadata={"help": "Integrations to report to ('none' for none); TensorBoard by default."}
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={
+            "help": "Integrations to report to, space- or comma-separated (tensorboard mlflow, or tensorboard,mlflow); "
+            "'none' for none. TensorBoard by default."
+        },
     )
     # Typed str (upstream's `str | bool` parses as bool only), so 'non_padding' can be passed and be the default.
     include_num_input_tokens_seen: str = field(
@@ -212,6 +227,9 @@ class FinetuneTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        self.report_to = split_list_option(self.report_to)
+        if problem := precision_problem(self):  # TrainingArguments would raise it with a traceback
+            raise ArgumentError(problem)
         if self.deepspeed and isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
             if not os.path.isfile(self.deepspeed):  # checked before TrainingArguments reads it
                 raise ArgumentError(f"--deepspeed {self.deepspeed}: no such file; see deepspeed_configs/.")
@@ -234,6 +252,23 @@ class FinetuneTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+def split_list_option(values: list[str]) -> list[str]:
+    """A list flag as users write it: space- or comma-separated, or the JSON list a config file gives."""
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        values = json.loads(values[0])
+    return [item.strip() for value in values for item in str(value).split(",") if item.strip()]
+
+
+def precision_problem(args: TrainingArguments) -> str | None:
+    if args.bf16 and args.fp16:
+        return "--bf16 true and --fp16 true: pick one precision (bf16 on GPUs that have it, else fp16)."
+    if args.bf16 and not args.use_cpu and not is_torch_bf16_gpu_available() and not is_torch_xla_available():
+        return "--bf16 true needs a GPU with bfloat16 (Ampere or newer); on a CPU add --use_cpu true, or drop --bf16."
+    if args.bf16 and args.use_cpu and not cpu_has_bf16():
+        return "--bf16 true: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); drop --bf16."
+    return None
+
+
 ARGUMENT_GROUPS = (ModelArguments, DataArguments, LoraArguments, TrackingArguments, FinetuneTrainingArguments)
 
 
@@ -242,12 +277,17 @@ def parse_args() -> tuple:
     Evaluation defaults to off when there is no evaluation data, unless the user asked for it."""
     parser = HfArgumentParser(ARGUMENT_GROUPS)
     arguments = expand_command_line(sys.argv[1:], ARGUMENT_GROUPS)
-    groups = parser.parse_args_into_dataclasses(args=arguments, look_for_args_file=True)
-    data_args, training_args = groups[1], groups[-1]
-    user_asked = any(last_value(arguments, name) is not None for name in ("eval_strategy", "evaluation_strategy"))
-    if training_args.eval_strategy != "no" and not has_eval_data(data_args) and not user_asked:
-        # train.args evaluates by default; with no evaluation data that default yields, not the user's choice.
-        groups = parser.parse_args_into_dataclasses(args=[*arguments, "--eval_strategy", "no"], look_for_args_file=True)
+    try:
+        groups = parser.parse_args_into_dataclasses(args=arguments, look_for_args_file=True)
+        data_args, training_args = groups[1], groups[-1]
+        user_asked = any(last_value(arguments, name) is not None for name in ("eval_strategy", "evaluation_strategy"))
+        if training_args.eval_strategy != "no" and not has_eval_data(data_args) and not user_asked:
+            # train.args evaluates by default; with no evaluation data that default yields, not the user's choice.
+            groups = parser.parse_args_into_dataclasses(
+                args=[*arguments, "--eval_strategy", "no"], look_for_args_file=True
+            )
+    except ValueError as error:  # raised by a __post_init__ (ours or transformers'): a message, not a traceback
+        raise ArgumentError(f"invalid options: {error}") from None
     return groups
 
 
@@ -258,6 +298,10 @@ def setup_logging(training_args: TrainingArguments) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
+    # transformers and datasets write through handlers of their own.
+    for name in ("", "transformers", "datasets"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(SecretMaskingFilter())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
     quiet.silence_run_warnings(uses_deepspeed=bool(training_args.deepspeed))
@@ -270,8 +314,9 @@ def has_eval_data(data_args: DataArguments) -> bool:
     return data_args.eval_data != NO_EVAL_DATA or data_args.eval_size > 0
 
 
-def find_argument_problems(data_args, lora_args, tracking_args, training_args) -> list[str]:
-    problems = tracking_problems(tracking_args, training_args)
+def find_argument_problems(model_args, data_args, lora_args, tracking_args, training_args) -> list[str]:
+    problems = option_value_problems(model_args, data_args, lora_args, training_args)
+    problems += tracking_problems(tracking_args, training_args)
     if training_args.eval_strategy != "no" and not has_eval_data(data_args):
         problems.append("--eval_strategy needs evaluation data: pass --eval_data or an --eval_size > 0.")
     if (training_args.eval_accuracy or training_args.eval_accuracy_during_training) and not has_eval_data(data_args):
@@ -285,8 +330,6 @@ def find_argument_problems(data_args, lora_args, tracking_args, training_args) -
             "--cleanup_output_dir_on_start true would delete the checkpoints that --resume_from_checkpoint true "
             "resumes from; set one of them to false."
         )
-    if data_args.eval_size < 0:
-        problems.append("--eval_size must be >= 0.")
     if training_args.enable_jit_checkpoint:
         problems.append(
             "--enable_jit_checkpoint: this script handles SIGTERM itself (a complete checkpoint after the current "
@@ -303,9 +346,9 @@ def find_argument_problems(data_args, lora_args, tracking_args, training_args) -
     return problems
 
 
-def validate_args(data_args, lora_args, tracking_args, training_args) -> None:
+def validate_args(model_args, data_args, lora_args, tracking_args, training_args) -> None:
     """Check every option combination before anything is loaded, and report all problems at once."""
-    problems = find_argument_problems(data_args, lora_args, tracking_args, training_args)
+    problems = find_argument_problems(model_args, data_args, lora_args, tracking_args, training_args)
     if problems:
         raise ArgumentError("invalid options:\n  " + "\n  ".join(problems))
     if not has_eval_data(data_args):
@@ -316,12 +359,21 @@ def validate_args(data_args, lora_args, tracking_args, training_args) -> None:
             "Set --eval_size 0 to train on them.",
             data_args.eval_size,
         )
+    if lora_args.use_lora and lora_args.use_qlora:
+        logger.info("--use_lora true and --use_qlora true: training QLoRA (LoRA adapters on the quantized base).")
+
+
+def claim_output_dir(training_args: TrainingArguments, create: bool) -> None:
+    """Only the main process holds the lock: its ranks share one output dir by design."""
+    if PartialState().is_main_process:
+        lock_output_dir(training_args.output_dir, create)
 
 
 def prepare_output_dir(training_args: FinetuneTrainingArguments, tracker=None) -> str | None:
-    """Clean and mark the output dir on the main process (fetching the tracker's newest checkpoint when resuming
-    with none here); return the checkpoint to resume from, if any."""
+    """Lock, clean and mark the output dir on the main process (fetching the tracker's newest checkpoint when
+    resuming with none here); return the checkpoint to resume from, if any."""
     state = PartialState()
+    claim_output_dir(training_args, create=True)
     if state.is_main_process:
         if training_args.cleanup_output_dir_on_start:
             cleanup_output_dir(training_args.output_dir)
@@ -340,6 +392,22 @@ def save_prepared_data(training_args, tokenizer, train_dataset, eval_dataset) ->
         logger.info("Prepared data and preview.txt written to %s; no model was loaded.", directory)
 
 
+def trainer_copy_of_arguments(training_args: FinetuneTrainingArguments) -> FinetuneTrainingArguments:
+    """The Trainer pickles its arguments into training_args.bin (output dir, adapter/, every checkpoint), so its copy
+    holds no hub token (huggingface_hub reads HF_TOKEN, set here, for --push_to_hub) and masked strings. It gets no
+    --save_total_limit either: CheckpointCompletionCallback rotates checkpoints (see build_trainer)."""
+    trainer_args = copy.copy(training_args)
+    if training_args.hub_token:
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        trainer_args.hub_token = None
+    for option in fields(trainer_args):
+        value = getattr(trainer_args, option.name)
+        if isinstance(value, str) and option.name not in ("output_dir", "logging_dir"):
+            setattr(trainer_args, option.name, mask_secrets(value))
+    trainer_args.save_total_limit = None
+    return trainer_args
+
+
 def build_trainer(
     model, tokenizer, training_args, data_args, train_rows, eval_rows, eval_dataset, max_length, callbacks
 ) -> Trainer:
@@ -347,8 +415,7 @@ def build_trainer(
     # The Trainer deletes old checkpoints before the callback marks the new one complete; a kill in between could
     # leave none complete. So the Trainer gets no --save_total_limit and the callback rotates after marking.
     callbacks = [CheckpointCompletionCallback(training_args.save_total_limit), *callbacks]
-    trainer_args = copy.copy(training_args)
-    trainer_args.save_total_limit = None
+    trainer_args = trainer_copy_of_arguments(training_args)
     if training_args.early_stopping_patience:
         callbacks.append(
             EarlyStoppingCallback(training_args.early_stopping_patience, training_args.early_stopping_threshold)
@@ -387,16 +454,21 @@ def raise_if_stopped_early(preemption: PreemptionCallback, watchdog: LossWatchdo
 
 def main() -> None:
     model_args, data_args, lora_args, tracking_args, training_args = parse_args()
+    register_secret_options(model_args, data_args, lora_args, tracking_args, training_args)
     setup_logging(training_args)
-    validate_args(data_args, lora_args, tracking_args, training_args)
-    tracker = start_tracker(model_args, data_args, lora_args, tracking_args, training_args)
+    validate_args(model_args, data_args, lora_args, tracking_args, training_args)
+    claim_output_dir(training_args, create=False)  # another run in an existing output dir: refuse now
+    # A remote tracker is reached now, so an unreachable one stops the run early; a local store is created in
+    # --output_dir, so only once the data is valid.
+    local_store = tracker_store_in_output_dir(tracking_args, training_args)
+    tracker = None if local_store else start_tracker(model_args, data_args, lora_args, tracking_args, training_args)
 
     # Read, validate and tokenize the data (or reuse the cached result): before any model weight is loaded.
     model_config = load_model_config(model_args)
     tokenizer = load_tokenizer(model_args)
     apply_chat_template_option(tokenizer, data_args)
     max_length = resolve_max_length(data_args, tokenizer, model_max_positions(model_config))
-    with training_args.main_process_first(desc="preparing data"):
+    with training_args.main_process_first(desc="preparing data"), ctrl_c_for_main_process_only():
         train_dataset, eval_dataset = load_prepared_datasets(
             data_args, tokenizer, max_length, training_args.data_seed or training_args.seed
         )
@@ -406,6 +478,9 @@ def main() -> None:
     train_rows, eval_rows = pack_datasets(
         data_args, train_dataset, eval_dataset, max_length, rows_per_optimizer_step(training_args)
     )
+    if local_store:
+        claim_output_dir(training_args, create=True)
+        tracker = start_tracker(model_args, data_args, lora_args, tracking_args, training_args)
     log_packing_efficiency(tracker, max_length, train=train_rows, eval=eval_rows)
 
     # Build the model
@@ -424,20 +499,23 @@ def main() -> None:
         [preemption, watchdog],
     )  # fmt: skip
     attach_tracker(trainer, tracker, tracking_args)
-    with packed_attention(model, data_args.sample_packing):
+    with packed_attention(model, data_args.sample_packing), explain_disk_full(training_args.output_dir):
         trainer.train(resume_from_checkpoint=resume_checkpoint)
     raise_if_stopped_early(preemption, watchdog)
     if training_args.eval_accuracy:  # on every rank, like --sample_generations; logged before the state is saved
         log_answer_accuracy(trainer, eval_dataset, accuracy_options(training_args))
 
     # Save: every rank takes part in the collective save and the generations (ZeRO-3 / FSDP forward passes need all
-    # of them); then only the main process merges and writes, while the others finish without waiting for it.
-    output_dir = save_trained_model(trainer, lora_args)
+    # of them); then only the main process merges and writes, while the others finish without waiting for it. All
+    # of it before any wait on the tracker: a hung tracker cannot cost the model.
+    with explain_disk_full(training_args.output_dir):
+        output_dir = save_trained_model(trainer, lora_args)
     samples = None
     if training_args.sample_generations:
         samples = answer_sample_prompts(trainer.model, tokenizer, eval_dataset, train_dataset, training_args)
     if trainer.is_world_process_zero():
-        write_final_model(model_args, lora_args, tokenizer, training_args)
+        with explain_disk_full(training_args.output_dir):
+            write_final_model(model_args, lora_args, tokenizer, training_args)
         save_run_arguments(output_dir, model_args, data_args, lora_args, tracking_args, training_args)
         if samples is not None:
             write_sample_generations(samples, training_args)
@@ -453,6 +531,15 @@ if __name__ == "__main__":
     except (ArgumentError, ConfigFileError, DataError, ModelLoadError, OutputDirError, TrackingError) as error:
         logger.error("%s", error)
         sys.exit(2)
+    except DiskFullError as error:
+        logger.error("%s", error)
+        sys.exit(1)
+    except KeyboardInterrupt:  # outside training (during training Ctrl-C saves a checkpoint, then exits 130)
+        logger.error(
+            "Interrupted (Ctrl-C). Rerun the same command to start again (with --resume_from_checkpoint true, from "
+            "the newest complete checkpoint, if any)."
+        )
+        sys.exit(PREEMPTED_EXIT_CODES[signal.SIGINT])
     except TrainingStopped as stop:
         logger.error("%s", stop)
         sys.exit(stop.exit_code)

@@ -62,7 +62,7 @@ def test_bare_boolean_flags_mean_true(monkeypatch):
 
 def validation_problems(monkeypatch, *extra):
     args = parse(monkeypatch, "--model_id", "m", "--train_data", "d", *extra)
-    return train.find_argument_problems(args["data"], args["lora"], args["tracking"], args["training"])
+    return train.find_argument_problems(args["model"], args["data"], args["lora"], args["tracking"], args["training"])
 
 
 def test_valid_defaults_have_no_problems(monkeypatch):

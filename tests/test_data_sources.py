@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import data_sources
-from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records, mask_url
+from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records
+from redaction import mask_secrets
 
 FLAG = "--train_data"
 RECORDS = [
@@ -486,7 +487,7 @@ def test_truefoundry_errors(fake_truefoundry, monkeypatch):
     ],
 )
 def test_mask_url(text, masked):
-    assert mask_url(text) == masked
+    assert mask_secrets(text) == masked
 
 
 # Fingerprints

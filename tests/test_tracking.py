@@ -4,11 +4,15 @@ TrueFoundry back end against a recorded fake of the `truefoundry.ml` client (tes
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +20,7 @@ import pytest
 from conftest import REPO, launch_command, run_train
 from mlflow import MlflowClient
 
-from mlfoundry_utils import MASK, mask_secrets
+from redaction import MASK, mask_secrets
 from tracking import TrackingError, TrueFoundryTracker, tracking_problems
 
 SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
@@ -24,6 +28,10 @@ FAKE_TRUEFOUNDRY = REPO / "tests" / "fake_truefoundry"
 ENV_SECRET = "hf_planted_env_secret_9731"
 URL_SECRET = "planted-url-password-4410"
 FLAG_SECRET = "planted_flag_token_5521"
+QUERY_SECRET = "planted-query-token-6618"  # a ?token= data URL
+USER_SECRET = "planted-user-token-2207"  # an https://TOKEN@host data URL
+API_KEY_SECRET = "planted-api-key-7302"  # the value of a *_API_KEY environment variable, inside a data URL
+SECRETS = (ENV_SECRET, URL_SECRET, FLAG_SECRET, QUERY_SECRET, USER_SECRET, API_KEY_SECRET)
 FAST = [
     "--per_device_train_batch_size", "8", "--max_num_samples", "160", "--max_length", "128", "--logging_steps", "1",
     "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "steps", "--eval_steps", "3",
@@ -45,7 +53,7 @@ def start_mlflow_server(directory: Path) -> tuple[subprocess.Popen, str]:
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
          "--artifacts-destination", str(directory / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own process group, to freeze it whole
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -71,10 +79,30 @@ def stop(server: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server, url = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+def mlflow_store(tmp_path_factory) -> Path:
+    """Everything the MLflow server holds: its SQLite database and its artifacts."""
+    return tmp_path_factory.mktemp("mlflow-server")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_store):
+    server, url = start_mlflow_server(mlflow_store)
     yield url
     stop(server)
+
+
+@pytest.fixture(scope="module")
+def data_server():
+    """sample_data/ over HTTP, for data URLs that carry credentials (the server ignores them)."""
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(REPO / "sample_data")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -104,8 +132,18 @@ def train_ok(*args, env: dict) -> str:
 
 def assert_no_secret(*texts: str) -> None:
     for text in texts:
-        for secret in (ENV_SECRET, URL_SECRET, FLAG_SECRET):
+        for secret in SECRETS:
             assert secret not in text
+
+
+def assert_no_secret_in_files(*directories: Path) -> None:
+    """Every byte of every file: databases, pickles (training_args.bin), TensorBoard events, checkpoints."""
+    files = [path for directory in directories for path in directory.rglob("*") if path.is_file()]
+    assert len(files) > 20
+    for path in files:
+        data = path.read_bytes()
+        for secret in SECRETS:
+            assert secret.encode() not in data, f"{secret} in {path}"
 
 
 def logged_steps(output_dir: Path, key: str = "loss") -> list[int]:
@@ -123,12 +161,17 @@ def assert_model_card_and_curves(output_dir: Path, base_model: Path) -> None:
 # MLflow
 
 
-def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(tiny_llama, tmp_path, mlflow_server):
+def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(
+    tiny_llama, tmp_path, mlflow_server, mlflow_store, data_server
+):
     # transformers' own MLflowCallback would log to MLFLOW_EXPERIMENT_NAME: one run there proves it is replaced.
-    env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "resume-test"}
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "resume-test",
+           "DATA_SERVICE_API_KEY": API_KEY_SECRET}  # fmt: skip
     first = tmp_path / "first"
+    data_url = f"http://{data_server}/chat.jsonl?token={QUERY_SECRET}&v={API_KEY_SECRET}"
     output = train_ok(
-        "--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(first), "--max_steps", "6",
+        "--model_id", str(tiny_llama), "--train_data", data_url, "--output_dir", str(first), "--max_steps", "6",
+        "--keep_checkpoints", "true",
         "--report_to", "mlflow", "--mlflow_log_checkpoints", "true", "--mlflow_run_name", "job-1", *FAST,
         "--sample_packing", "true", *SECRET_FLAGS, env=env,
     )  # fmt: skip
@@ -178,7 +221,8 @@ def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(tiny_llama, t
     # A fresh output dir (a new machine) resumes from the uploaded checkpoint-6 and continues the same run.
     second = tmp_path / "second"
     output = train_ok(
-        "--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(second), "--max_steps", "9",
+        "--model_id", str(tiny_llama), "--train_data", f"http://{USER_SECRET}@{data_server}/chat.jsonl",
+        "--output_dir", str(second), "--max_steps", "9",
         "--report_to", "mlflow", "--mlflow_log_checkpoints", "true", "--mlflow_run_name", "job-1",
         "--resume_from_checkpoint", "true", *FAST, "--sample_packing", "true", env=env,
     )  # fmt: skip
@@ -189,6 +233,52 @@ def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(tiny_llama, t
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 10))
     assert [a.path for a in client.list_artifacts(run_id, "checkpoints")][-1] == "checkpoints/checkpoint-9"
     assert len(client.search_model_versions("name='finetuned-tiny-llama'")) == 2
+
+    # No planted secret in any file of either output dir (checkpoints, adapter, training_args.bin, TensorBoard
+    # events, run_args.json, the model card), in the server's store (params, tags, artifacts) or in the logs.
+    assert_no_secret(output)
+    assert_no_secret_in_files(first, second, mlflow_store)
+
+
+def test_hung_mlflow_server_costs_one_bounded_wait_after_the_model_is_saved(tiny_llama, tmp_path):
+    """A server frozen with SIGSTOP accepts connections and never answers: every pending call would wait for its
+    HTTP timeout in turn. The run saves the model, waits --tracker_upload_timeout for all of them, and ends 0."""
+    server, url = start_mlflow_server(tmp_path)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [*launch_command(), "--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT,
+         "--output_dir", str(out), "--max_steps", "6", "--report_to", "mlflow", "--mlflow_log_checkpoints", "true",
+         "--mlflow_run_name", "hung", "--tracker_upload_timeout", "5", *FAST],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "MLFLOW_TRACKING_URI": url, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+             "PYTHONUNBUFFERED": "1"},  # each log line as it is written: the server is frozen mid-training
+    )  # fmt: skip
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "'loss': " in line:
+                os.killpg(server.pid, signal.SIGSTOP)  # training is under way: every later call hangs
+                break
+        waiting_since = None
+        for line in process.stdout:
+            lines.append(line)
+            if "Waiting up to 5 s (--tracker_upload_timeout)" in line:
+                waiting_since = time.monotonic()
+        assert process.wait(timeout=300) == 0, "".join(lines)[-6000:]
+        waited = time.monotonic() - waiting_since
+    finally:
+        process.kill()
+        os.killpg(server.pid, signal.SIGCONT)
+        stop(server)
+    output = "".join(lines)
+    # The model and its card were written before the wait; the wait is one deadline for everything pending.
+    assert output.index("Model card and training curves written") < output.index("Waiting up to 5 s")
+    assert list(out.glob("*.safetensors")) and (out / "README.md").is_file()
+    assert waited < 60, f"the run ended {waited:.0f} s after the 5 s wait began"  # 60 s per call without the deadline
+    warning = re.search(r"MLflow did not answer within --tracker_upload_timeout 5 s; not done: (.*)\.", output)
+    assert warning and "logging the model" in warning.group(1) and "marking the run FINISHED" in warning.group(1)
+    assert "Traceback" not in output
 
 
 def test_mlflow_server_stopped_mid_training_lets_training_complete(tiny_llama, tmp_path):
@@ -304,7 +394,8 @@ def test_truefoundry_without_the_package_says_how_to_install_it(monkeypatch):
 
 def test_tracking_option_problems(monkeypatch):
     def problems(report_to, cleanup=False, **tracking):
-        defaults = {"mlfoundry_enable_reporting": False, "mlfoundry_ml_repo": None, "mlflow_log_checkpoints": False}
+        defaults = {"mlfoundry_enable_reporting": False, "mlfoundry_ml_repo": None, "mlflow_log_checkpoints": False,
+                    "tracker_upload_timeout": 600}  # fmt: skip
         training = SimpleNamespace(report_to=report_to, cleanup_output_dir_on_start=cleanup)
         return tracking_problems(SimpleNamespace(**{**defaults, **tracking}), training)
 
