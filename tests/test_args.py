@@ -101,13 +101,15 @@ def test_no_eval_data_turns_the_default_evaluation_off(monkeypatch, tmp_path):
     assert parse(monkeypatch, "--model_id", "m", "--train_data", "d")["training"].eval_strategy == "steps"
     args = parse(monkeypatch, "--model_id", "m", "--train_data", "d", "--eval_size", "0")
     assert args["training"].eval_strategy == "no" and args["training"].do_eval is False
-    assert train.find_argument_problems(args["data"], args["lora"], args["tracking"], args["training"]) == []
+    assert train.find_argument_problems(*args.values()) == []
     config = tmp_path / "run.yaml"
     config.write_text("model_id: m\ntrain_data: d\neval_size: 0\neval_strategy: steps\n")
     monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), str(config)])
-    _, data, lora, tracking, training = train.parse_args()
+    model, data, lora, tracking, training = train.parse_args()
     assert training.eval_strategy == "steps"
-    assert "--eval_strategy needs evaluation data" in train.find_argument_problems(data, lora, tracking, training)[0]
+    assert "--eval_strategy needs evaluation data" in train.find_argument_problems(
+        model, data, lora, tracking, training
+    )[0]
 
 
 def test_deepspeed_config_must_exist(monkeypatch):
