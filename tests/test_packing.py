@@ -113,8 +113,11 @@ def test_unpacked_eval_rows_use_the_padding_collator(tiny_llama):
     args = DataArguments(train_data="unused", sample_packing=True)
     collator = build_collator(args, tokenizer, 64)
     assert isinstance(collator, PackedCollator)
-    plain = collator([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [5], "labels": [5]}])
-    assert plain["attention_mask"].tolist() == [[1, 1, 1] + [0] * 5, [1] + [0] * 7]
+    flattening = build_collator(args, tokenizer, 64, flattened=True)
+    assert isinstance(flattening, FlattenedCollator)
+    for each in (collator, flattening):
+        plain = each([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [5], "labels": [5]}])
+        assert plain["attention_mask"].tolist() == [[1, 1, 1] + [0] * 5, [1] + [0] * 7]
     packed = training_columns(pack_dataset(samples([3, 2]), 8))
     assert packed.column_names == ["input_ids", "labels", "position_ids"]
 
@@ -309,6 +312,9 @@ def test_flattened_batch_boundaries_are_what_transformers_finds():
     # The bug this layout avoids: with two rows per batch flash attention's detection finds no packed sequence.
     rows_batch = PackedCollator(pad_token_id=0, fallback=None)(rows)
     assert not _is_packed_sequence(rows_batch["position_ids"], batch_size=2)
+    # --pad_to_max_length: rows x max_length tokens, the padding one more sequence.
+    static = FlattenedCollator(pad_token_id=0, fallback=None, pad_to_multiple_of=4, row_length=6)(rows)
+    assert static["input_ids"].shape == (1, 12) and static["sample_lengths"] == (3, 2, 2, 5)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "mistral"])
