@@ -282,7 +282,7 @@ def causal_sdpa(module, query, key, value, **kwargs) -> torch.Tensor:
     window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
     mask = None
     if window and length > window:
-        mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril().triu(-window)[None, None]
+        mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril().triu(1 - window)[None, None]
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)[0]
 
 
@@ -334,7 +334,7 @@ def varlen_attention_forward(
     causal = kwargs.get("is_causal")
     causal = module.is_causal if causal is None else causal
     # transformers' sliding_window W lets a token see itself and the W - 1 tokens before it.
-    window = (sliding_window if sliding_window else -1, 0 if causal else -1)
+    window = (sliding_window - 1 if sliding_window else -1, 0 if causal else -1)
     output = varlen_attn(
         q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling, window_size=window,
         enable_gqa=q.shape[1] != k.shape[1],
