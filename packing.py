@@ -287,14 +287,15 @@ def causal_sdpa(module, query, key, value, **kwargs) -> torch.Tensor:
 
 
 def attention_without_boundaries(module, query, key, value, attention_mask, **kwargs):
-    """Batches not flattened by FlattenedCollator: the padding mask (SDPA), or packed rows found from position_ids
-    (read back every layer; exact, but the slow path), or plain causal SDPA."""
+    """Batches not flattened by FlattenedCollator: SDPA with the padding mask when there is one; otherwise causal
+    SDPA on each sample found from position_ids (read back every layer: exact, but the slow path) or on each row."""
+    if attention_mask is not None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     position_ids = kwargs.get("position_ids")
     spans = None
-    if attention_mask is None and position_ids is not None and query.shape[2] == position_ids.shape[1]:
+    if position_ids is not None and query.shape[2] == position_ids.shape[1]:
         spans = sample_spans(position_ids)
-    if spans is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    spans = spans or [[(0, query.shape[2])]] * query.shape[0]
     rows = [
         torch.cat([causal_sdpa(module, *(t[row : row + 1, :, start:end] for t in (query, key, value)), **kwargs)
                    for start, end in bounds], dim=1)

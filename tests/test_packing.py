@@ -494,3 +494,20 @@ def test_flattened_batches_compute_real_tokens_on_long_tailed_data(num_samples, 
     print(f"{num_samples} samples: flattened {efficiency:.4f}, rows kept apart at most {rows_apart:.4f}")
     assert efficiency >= 0.97
     assert efficiency == pytest.approx(packing.rows_efficiency(packed), abs=0.005)  # the logged figure
+
+
+def test_packed_sdpa_on_batches_without_boundaries_is_plain_attention():
+    """An unpacked batch (a padded one with its mask, and one without any mask, longer than the sliding window)
+    gives packed_sdpa the logits of transformers' SDPA."""
+    register_packed_attention()
+    reference, model = small_model("mistral", "sdpa"), small_model("mistral", "sdpa")
+    model.set_attn_implementation(PACKED_SDPA)
+    torch.manual_seed(2)
+    input_ids = torch.randint(3, 128, (2, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    with torch.no_grad():
+        for mask in (None, attention_mask):
+            expected = reference(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            torch.testing.assert_close(logits[:, :9], expected[:, :9], atol=1e-5, rtol=1e-5)
