@@ -361,7 +361,7 @@ def load_model(
     lora_args: LoraArguments,
     training_args: TrainingArguments,
     tokenizer: PreTrainedTokenizerBase,
-    attn_implementation: str,
+    attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_id,
