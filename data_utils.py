@@ -33,7 +33,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 import chat_masks
 from chat_masks import ChatMaskError, chat_text_and_spans, masked_samples
 from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records
-from packing import IGNORE_INDEX, PackedCollator, pack_dataset
+from packing import IGNORE_INDEX, FlattenedCollator, PackedCollator, pack_dataset
 from redaction import mask_secrets
 
 logger = logging.getLogger(__name__)
@@ -791,18 +791,23 @@ def write_prepared_data(
 
 
 def pack_datasets(
-    args: DataArguments, train: Dataset, evaluation: Dataset | None, max_length: int, train_rows_multiple: int = 1
+    args: DataArguments,
+    train: Dataset,
+    evaluation: Dataset | None,
+    max_length: int,
+    train_rows_multiple: int = 1,
+    flattened: bool = False,
 ) -> tuple[Dataset, Dataset | None]:
     """--sample_packing: prepared samples packed into rows of at most max_length tokens (eval too unless
     --eval_sample_packing false). Deterministic, so every rank builds the same rows and a resume sees the same data.
     The number of training rows is a multiple of `train_rows_multiple` (rows per optimizer step over all processes),
     so that no process is topped up with repeated rows and every optimizer step is full (evaluation discards its
-    repeats itself)."""
+    repeats itself). `flattened`: the collator flattens each batch (packing.flattens_batches)."""
     if not args.sample_packing:
         return train, evaluation
-    train = pack_dataset(train, max_length, "train", train_rows_multiple)
+    train = pack_dataset(train, max_length, "train", train_rows_multiple, flattened)
     if evaluation is not None and args.eval_sample_packing:
-        evaluation = pack_dataset(evaluation, max_length, "eval")
+        evaluation = pack_dataset(evaluation, max_length, "eval", flattened=flattened)
     return train, evaluation
 
 
@@ -815,10 +820,11 @@ def training_columns(dataset: Dataset | None) -> Dataset | None:
 
 
 def build_collator(
-    args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> DataCollatorForSeq2Seq | PackedCollator:
+    args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int, flattened: bool = False
+) -> DataCollatorForSeq2Seq | PackedCollator | FlattenedCollator:
     """Right-pads input_ids/attention_mask with the pad token and labels with IGNORE_INDEX; with --sample_packing,
-    packed rows get position_ids and no attention mask (see packing.py)."""
+    packed rows get position_ids and no attention mask, and with `flattened` each batch becomes one row with its
+    samples' boundaries (see packing.py)."""
     padding = DataCollatorForSeq2Seq(
         tokenizer,
         padding="max_length" if args.pad_to_max_length else "longest",
@@ -828,6 +834,13 @@ def build_collator(
     )
     if not args.sample_packing:
         return padding
+    if flattened:
+        return FlattenedCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            fallback=padding,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            row_length=max_length if args.pad_to_max_length else None,
+        )
     return PackedCollator(
         pad_token_id=tokenizer.pad_token_id,
         fallback=padding,

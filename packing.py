@@ -1,20 +1,27 @@
 """Sample packing with isolated attention: several samples share one row of at most --max_length tokens, and no
-sample attends to another.
+sample attends to another, on every attention backend.
 
-How the isolation works (transformers masking_utils.find_packed_sequence_indices): with `position_ids` given, no
-`attention_mask` and no KV cache, a new sequence starts wherever position_ids do not grow by exactly 1, and the
-causal mask is built per sequence. So every sample's position_ids restart at 0, the collator sends no attention
-mask, and the padding at the end of a row gets its own positions from 0: a dummy sequence real tokens never see.
-The Trainer runs the model with use_cache=False; evaluate or test packed rows with use_cache=False too, or the
-detection is silently skipped and samples see each other.
+Rows: first-fit decreasing into rows of at most --max_length tokens, deterministic (exact resume), every sample
+exactly once per epoch. Each sample's position_ids restart at 0 and its first label is masked.
 
-Rows are as long as --max_length at most, never a whole batch flattened into one row.
+How each backend keeps samples apart (model_utils.attention_implementation picks one; `auto` the fastest exact one):
+  sdpa, varlen, flash_attention_2  The collator flattens each batch into ONE row and computes the sample boundaries
+      once per batch: cu_seq_lens_q/k (int32 starts of every sample, then the end), max_length_q/k (Python ints) and
+      sample_lengths (a Python tuple). These flow from the model's forward to the attention function as
+      transformers' FlashAttentionKwargs, so no layer reads a boundary back from the device.
+      - sdpa runs `packed_sdpa` during training: causal SDPA on each sample (split from sample_lengths), exact on
+        any device, and on CPU much faster than SDPA under a block-diagonal mask.
+      - varlen runs PyTorch's varlen flash attention (torch.nn.attention.varlen.varlen_attn; CUDA, torch >= 2.10).
+      - flash_attention_2 runs flash-attn's varlen kernel through transformers, fed the same boundaries.
+      A flattened batch has no padding between rows: the model computes only real tokens (plus the rounding to
+      --pad_to_multiple_of), however full the rows are.
+  eager  Rows stay separate (the collator pads them to the batch's longest row) and send no attention mask:
+      transformers (masking_utils.find_packed_sequence_indices) builds a block-diagonal causal mask from the
+      restarting position_ids. That detection needs no KV cache: the Trainer runs the model with use_cache=False.
 
-Speed: given that block-diagonal mask, SDPA computes every row's full max_length x max_length attention (and on CPU
-with its slowest kernel). During training the model therefore runs `packed_sdpa` (registered here through
-transformers' AttentionInterface): SDPA with is_causal=True on each sample of a row separately, which is the same
-computation as the mask describes, at a fraction of the cost. Batches without packed rows, and layers with a
-sliding window shorter than a sample, take the ordinary masked SDPA path.
+Why not leave flash attention to transformers: it finds packed sequences only in a batch of one row
+(modeling_flash_attention_utils._is_packed_sequence); with several rows per batch each sample would attend to the
+samples before it.
 """
 
 import logging
@@ -26,6 +33,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.flash_attention import get_target_dtype
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -80,18 +88,25 @@ def split_rows_to_multiple(rows: list[list[int]], multiple: int) -> list[list[in
     return rows
 
 
-def packing_efficiency(lengths: list[int], max_length: int, num_rows: int) -> float:
-    """Real tokens / tokens computed when every row is padded to max_length: sum(lengths) / (num_rows * max_length).
+def packing_efficiency(real_tokens: int, computed_tokens: int) -> float:
+    """Packing efficiency: real tokens / tokens the model computes for them (padding included).
 
-    It is the share of the rows' capacity that holds real tokens. Batches padded only to their longest row (the
-    default) compute at most that many tokens, so the share of real tokens actually computed is at least this.
+    What is computed depends on the layout (see computed_tokens): a flattened batch computes its real tokens only,
+    rows kept apart (eager) are padded, at most to max_length each.
     """
-    return float(sum(lengths)) / (num_rows * max_length) if num_rows else 0.0
+    return real_tokens / computed_tokens if computed_tokens else 0.0
 
 
-def rows_efficiency(packed: Dataset, max_length: int) -> float:
-    """packing_efficiency of a packed dataset (its rows' lengths are the real tokens of each row)."""
-    return packing_efficiency(packed["length"], max_length, len(packed))
+def computed_tokens(row_lengths: list[int], max_length: int, flattened: bool) -> list[int]:
+    """Tokens the model computes for each row: its own length in a flattened batch (plus the batch's rounding to
+    --pad_to_multiple_of, under 8 tokens per batch by default, left out here), max_length for rows kept apart (an
+    upper bound: a batch pads its rows to its longest row)."""
+    return list(row_lengths) if flattened else [max_length] * len(row_lengths)
+
+
+def rows_efficiency(packed: Dataset) -> float:
+    """packing_efficiency of a packed dataset."""
+    return packing_efficiency(sum(packed["length"]), sum(packed["computed_tokens"]))
 
 
 def is_packed(dataset: Dataset | None) -> bool:
@@ -118,18 +133,23 @@ def pack_rows(batch: dict, indices: list[list[int]]) -> dict:
     return output
 
 
-def pack_dataset(dataset: Dataset, max_length: int, split: str = "train", rows_multiple: int = 1) -> Dataset:
+def pack_dataset(
+    dataset: Dataset, max_length: int, split: str = "train", rows_multiple: int = 1, flattened: bool = False
+) -> Dataset:
     """A prepared dataset (input_ids, labels, length) as packed rows: input_ids, labels, position_ids, length,
-    num_trained, num_samples. Every sample lands in exactly one row; none is dropped. `rows_multiple`: see
-    split_rows_to_multiple."""
+    num_trained, num_samples, computed_tokens. Every sample lands in exactly one row; none is dropped.
+    `rows_multiple`: see split_rows_to_multiple; `flattened`: the collator flattens each batch (computed_tokens)."""
     lengths = list(dataset["length"])
     rows = split_rows_to_multiple(first_fit_decreasing(lengths, max_length), rows_multiple)
     columns = dataset.select_columns(["input_ids", "labels"]).to_dict()
-    packed = Dataset.from_dict(pack_rows(columns, rows))
+    packed = pack_rows(columns, rows)
+    packed["computed_tokens"] = computed_tokens(packed["length"], max_length, flattened)
+    packed = Dataset.from_dict(packed)
     logger.info(
-        "Packing %s: %d samples into %d rows of at most %d tokens; packing efficiency %.1f%% (real tokens / "
-        "rows x max_length).",
-        split, len(lengths), len(rows), max_length, 100 * packing_efficiency(lengths, max_length, len(rows)),
+        "Packing %s: %d samples into %d rows of at most %d tokens (%s); packing efficiency %.1f%% (real tokens / "
+        "tokens computed).",
+        split, len(lengths), len(rows), max_length, "flattened per batch" if flattened else "rows kept apart",
+        100 * rows_efficiency(packed),
     )  # fmt: skip
     return packed
 
@@ -165,10 +185,84 @@ class PackedCollator:
 
 
 PACKED_SDPA = "packed_sdpa"
+VARLEN = "varlen"
+# Backends that get one flattened row per batch, with the sample boundaries from the collator.
+FLATTENED_BACKENDS = ("sdpa", VARLEN, "flash_attention_2")
+# The implementation a model is loaded (and saved, and generates) with; training switches to training_attention().
+LOADED_AS = {VARLEN: "sdpa"}
+
+try:  # torch >= 2.10; the kernel runs on CUDA only
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+def varlen_available() -> bool:
+    return varlen_attn is not None and torch.cuda.is_available()
+
+
+def flattens_batches(attn_implementation: str) -> bool:
+    return attn_implementation in FLATTENED_BACKENDS
+
+
+def training_attention(attn_implementation: str, packing: bool) -> str:
+    """The attention implementation the model runs while training."""
+    if packing and attn_implementation == "sdpa":
+        return PACKED_SDPA
+    return attn_implementation
+
+
+def loaded_attention(attn_implementation: str) -> str:
+    return LOADED_AS.get(attn_implementation, attn_implementation)
+
+
+@dataclass
+class FlattenedCollator:
+    """A batch of packed rows as one row [1, total tokens]: input_ids, labels, position_ids, and the sample boundaries
+    computed here, once per batch (see the module docstring): cu_seq_lens_q/k, max_length_q/k, sample_lengths.
+
+    Padding (to --pad_to_multiple_of, or to rows x max_length with --pad_to_max_length) is one more sequence at the
+    end, with its own positions and ignored labels: no real token attends to it. Rows without position_ids (an
+    unpacked eval set) go to `fallback`, which builds the usual attention mask.
+    """
+
+    pad_token_id: int
+    fallback: object
+    pad_to_multiple_of: int | None = None
+    row_length: int | None = None  # --pad_to_max_length: pad to rows x max_length (static shapes per batch size)
+
+    def __call__(self, features: list[dict]) -> dict:
+        if "position_ids" not in features[0]:
+            return self.fallback(features)
+        input_ids, labels, positions, sample_lengths = [], [], [], []
+        for feature in features:
+            starts = [*np.flatnonzero(np.asarray(feature["position_ids"]) == 0).tolist(), len(feature["input_ids"])]
+            sample_lengths += [end - start for start, end in zip(starts, starts[1:], strict=False)]
+            input_ids += feature["input_ids"]
+            labels += feature["labels"]
+            positions += feature["position_ids"]
+        length = self.row_length * len(features) if self.row_length else len(input_ids)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        padding = length - len(input_ids)
+        if padding:
+            sample_lengths.append(padding)
+        cu_seq_lens = torch.tensor([0, *np.cumsum(sample_lengths).tolist()], dtype=torch.int32)
+        return {
+            "input_ids": torch.tensor([input_ids + [self.pad_token_id] * padding]),
+            "labels": torch.tensor([labels + [IGNORE_INDEX] * padding]),
+            "position_ids": torch.tensor([positions + list(range(padding))]),
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(sample_lengths),
+            "max_length_k": max(sample_lengths),
+            "sample_lengths": tuple(sample_lengths),
+        }
 
 
 def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
-    """(start, end) of each run of consecutive positions in each row; None when no row holds more than one run."""
+    """(start, end) of each run of consecutive positions in each row; None when no row holds more than one run.
+    Reads the positions back to the host: only for batches that did not come from FlattenedCollator."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     if not starts[:, 1:].any():
@@ -181,53 +275,103 @@ def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | No
     return spans
 
 
-def packed_sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """SDPA per sample of each packed row (causal within the sample); anything else goes to transformers' SDPA.
+def causal_sdpa(module, query, key, value, **kwargs) -> torch.Tensor:
+    """Causal SDPA over one whole sample [1, heads, length, dim] (a sliding window, where the layer has one shorter
+    than the sample, as a band mask); returns [1, length, heads, dim]."""
+    length = query.shape[2]
+    window = kwargs.pop("sliding_window", None) or getattr(module, "sliding_window", None)
+    mask = None
+    if window and length > window:
+        mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril().triu(1 - window)[None, None]
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)[0]
 
-    The masked path is the reference: same softmax over the same keys, and the logit-equality test checks both.
-    """
+
+def attention_without_boundaries(module, query, key, value, attention_mask, **kwargs):
+    """Batches not flattened by FlattenedCollator: SDPA with the padding mask when there is one; otherwise causal
+    SDPA on each sample found from position_ids (read back every layer: exact, but the slow path) or on each row."""
+    if attention_mask is not None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     position_ids = kwargs.get("position_ids")
     spans = None
-    if position_ids is not None and query.shape[2] == key.shape[2] == position_ids.shape[1]:
+    if position_ids is not None and query.shape[2] == position_ids.shape[1]:
         spans = sample_spans(position_ids)
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if spans is None or (window and any(end - start > window for row in spans for start, end in row)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    rows = []
-    for row, bounds in enumerate(spans):
-        rows.append(
-            torch.cat(
-                [
-                    sdpa_attention_forward(
-                        module,
-                        query[row : row + 1, :, start:end],
-                        key[row : row + 1, :, start:end],
-                        value[row : row + 1, :, start:end],
-                        None,
-                        **kwargs,
-                    )[0]
-                    for start, end in bounds
-                ],
-                dim=1,
-            )
-        )
+    spans = spans or [[(0, query.shape[2])]] * query.shape[0]
+    rows = [
+        torch.cat([causal_sdpa(module, *(t[row : row + 1, :, start:end] for t in (query, key, value)), **kwargs)
+                   for start, end in bounds], dim=1)
+        for row, bounds in enumerate(spans)
+    ]  # fmt: skip
     return torch.cat(rows, dim=0), None
 
 
-AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
-AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+def packed_sdpa_attention_forward(module, query, key, value, attention_mask, sample_lengths=None, **kwargs):
+    """Causal SDPA on each sample of a flattened batch, split at the collator's sample_lengths (Python ints: no
+    device read). Splitting (not slicing) keeps the backward to one concatenation instead of a full-size gradient
+    per sample. The same softmax over the same keys as the block-diagonal mask: tests/test_packing.py."""
+    if sample_lengths is None or query.shape[0] != 1 or query.shape[2] != sum(sample_lengths):
+        return attention_without_boundaries(module, query, key, value, attention_mask, **kwargs)
+    parts = (t.split(sample_lengths, dim=2) for t in (query, key, value))
+    return torch.cat([causal_sdpa(module, q, k, v, **kwargs) for q, k, v in zip(*parts, strict=True)], dim=1), None
+
+
+def varlen_attention_forward(
+    module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
+    max_length_k=None, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs,
+):  # fmt: skip
+    """PyTorch's varlen flash attention over a flattened batch, fed the collator's boundaries; anything else (an
+    unpacked, padded eval batch) goes to SDPA. Causal within each sample, like flash_attention_2."""
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        return attention_without_boundaries(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if dropout or softcap:
+        raise ValueError(
+            "--attn_implementation varlen: torch's varlen_attn has no attention dropout or logit softcapping, which "
+            "this model uses; choose sdpa or flash_attention_2."
+        )
+    dtype = query.dtype
+    target = get_target_dtype(query, module)  # PEFT's fp32 norms can make the query fp32; the kernel needs 16 bits
+    q, k, v = (t[0].transpose(0, 1).to(target or t.dtype) for t in (query, key, value))  # [tokens, heads, dim]
+    causal = kwargs.get("is_causal")
+    causal = module.is_causal if causal is None else causal
+    # transformers' sliding_window W lets a token see itself and the W - 1 tokens before it.
+    window = (sliding_window - 1 if sliding_window else -1, 0 if causal else -1)
+    output = varlen_attn(
+        q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling, window_size=window,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # fmt: skip
+    return output.unsqueeze(0).to(dtype), None
+
+
+def padding_mask_only(*, attention_mask=None, **kwargs):
+    """Mask function of packed_sdpa and varlen: they take the samples' boundaries from the collator, so no mask is
+    built for packed batches (transformers would build a block-diagonal one for the whole flattened row); a batch
+    with padding gets SDPA's mask."""
+    if attention_mask is None:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
+def register_packed_attention() -> None:
+    """Make packed_sdpa and varlen known to transformers (only runs that pack call this)."""
+    for name, function in ((PACKED_SDPA, packed_sdpa_attention_forward), (VARLEN, varlen_attention_forward)):
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, padding_mask_only)
 
 
 @contextmanager
-def packed_attention(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
-    """Run the model with packed_sdpa inside the block when it uses SDPA and packing is on; restore SDPA after, so
-    generation and the saved config see the standard implementation."""
-    if not enabled or model.config._attn_implementation != "sdpa":
+def packed_attention(model: PreTrainedModel, attn_implementation: str, packing: bool) -> Iterator[None]:
+    """Run the model with its training attention inside the block (packed_sdpa for sdpa with packing, varlen);
+    restore the implementation it was loaded with after, so generation and the saved model see a standard one."""
+    training = training_attention(attn_implementation, packing)
+    loaded = model.config._attn_implementation
+    if training == loaded:
         yield
         return
-    model.set_attn_implementation(PACKED_SDPA)
-    logger.info("Packed rows run SDPA per sample (%s) during training.", PACKED_SDPA)
+    register_packed_attention()
+    model.set_attn_implementation(training)
+    logger.info("Training runs the %s attention (boundaries of the packed samples from the collator).", training)
     try:
         yield
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(loaded)

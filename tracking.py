@@ -387,11 +387,11 @@ def start_tracker(model_args, data_args, lora_args, tracking_args, training_args
     return tracker
 
 
-def log_packing_efficiency(tracker: Tracker | None, max_length: int, **splits) -> None:
-    """Params train_packing_efficiency / eval_packing_efficiency (real tokens / rows x max_length) of the packed
+def log_packing_efficiency(tracker: Tracker | None, **splits) -> None:
+    """Params train_packing_efficiency / eval_packing_efficiency (real tokens / tokens computed) of the packed
     splits."""
     params = {
-        f"{name}_packing_efficiency": f"{rows_efficiency(rows, max_length):.4f}"
+        f"{name}_packing_efficiency": f"{rows_efficiency(rows):.4f}"
         for name, rows in splits.items()
         if is_packed(rows)
     }

@@ -82,6 +82,8 @@ from model_utils import (
     ModelLoadError,
     answer_sample_prompts,
     apply_memory_limit,
+    attention_implementation,
+    attention_problems,
     load_model,
     load_model_config,
     load_tokenizer,
@@ -92,7 +94,7 @@ from model_utils import (
     write_sample_generations,
 )
 from option_checks import cpu_has_bf16, option_value_problems
-from packing import packed_attention
+from packing import flattens_batches, packed_attention
 from redaction import SecretMaskingFilter, mask_secrets, register_secret_options
 from tracking import (
     TrackingError,
@@ -341,6 +343,7 @@ def find_argument_problems(model_args, data_args, lora_args, tracking_args, trai
             f"{launched} processes were launched, but without a GPU each would train its own unsynchronised copy "
             "of the model. Add --use_cpu true to train them together on CPU (gloo; DDP or DeepSpeed)."
         )
+    problems += attention_problems(model_args, training_args, data_args.sample_packing)
     problems += peft_option_problems(lora_args)
     problems += engine_problems(lora_args, training_args)
     return problems
@@ -409,7 +412,8 @@ def trainer_copy_of_arguments(training_args: FinetuneTrainingArguments) -> Finet
 
 
 def build_trainer(
-    model, tokenizer, training_args, data_args, train_rows, eval_rows, eval_dataset, max_length, callbacks
+    model, tokenizer, training_args, data_args, train_rows, eval_rows, eval_dataset, max_length, callbacks,
+    flattened=False,
 ) -> Trainer:
     """The Trainer on the (packed) rows; eval_dataset, the unpacked evaluation samples, feeds eval_accuracy."""
     # The Trainer deletes old checkpoints before the callback marks the new one complete; a kill in between could
@@ -426,7 +430,7 @@ def build_trainer(
         train_dataset=training_columns(train_rows),
         eval_dataset=training_columns(eval_rows),
         processing_class=tokenizer,
-        data_collator=build_collator(data_args, tokenizer, max_length),
+        data_collator=build_collator(data_args, tokenizer, max_length, flattened),
         callbacks=callbacks,
         accuracy_dataset=eval_dataset if training_args.eval_accuracy_during_training else None,
         accuracy_options=accuracy_options(training_args),
@@ -465,6 +469,7 @@ def main() -> None:
 
     # Read, validate and tokenize the data (or reuse the cached result): before any model weight is loaded.
     model_config = load_model_config(model_args)
+    attention = attention_implementation(model_args, training_args, data_args.sample_packing, model_config)
     tokenizer = load_tokenizer(model_args)
     apply_chat_template_option(tokenizer, data_args)
     max_length = resolve_max_length(data_args, tokenizer, model_max_positions(model_config))
@@ -476,12 +481,13 @@ def main() -> None:
         save_prepared_data(training_args, tokenizer, train_dataset, eval_dataset)
         return
     train_rows, eval_rows = pack_datasets(
-        data_args, train_dataset, eval_dataset, max_length, rows_per_optimizer_step(training_args)
-    )
+        data_args, train_dataset, eval_dataset, max_length, rows_per_optimizer_step(training_args),
+        flattens_batches(attention),
+    )  # fmt: skip
     if local_store:
         claim_output_dir(training_args, create=True)
         tracker = start_tracker(model_args, data_args, lora_args, tracking_args, training_args)
-    log_packing_efficiency(tracker, max_length, train=train_rows, eval=eval_rows)
+    log_packing_efficiency(tracker, train=train_rows, eval=eval_rows)
 
     # Build the model
     check_memory_fits(model_config, model_args, lora_args, training_args, max_length)
@@ -489,17 +495,17 @@ def main() -> None:
     apply_memory_limit(training_args)
     init_deepspeed_comm(training_args)
     set_seed(training_args.seed)  # the LoRA matrices and any new embedding rows are drawn from it
-    model = load_model(model_args, lora_args, training_args, tokenizer)
+    model = load_model(model_args, lora_args, training_args, tokenizer, attention)
 
     # Train
     preemption = PreemptionCallback()
     watchdog = LossWatchdogCallback(training_args.loss_watchdog_threshold, training_args.loss_watchdog_patience)
     trainer = build_trainer(
         model, tokenizer, training_args, data_args, train_rows, eval_rows, eval_dataset, max_length,
-        [preemption, watchdog],
+        [preemption, watchdog], flattens_batches(attention),
     )  # fmt: skip
     attach_tracker(trainer, tracker, tracking_args)
-    with packed_attention(model, data_args.sample_packing), explain_disk_full(training_args.output_dir):
+    with packed_attention(model, attention, data_args.sample_packing), explain_disk_full(training_args.output_dir):
         trainer.train(resume_from_checkpoint=resume_checkpoint)
     raise_if_stopped_early(preemption, watchdog)
     if training_args.eval_accuracy:  # on every rank, like --sample_generations; logged before the state is saved

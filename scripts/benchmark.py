@@ -1,22 +1,26 @@
-"""Sample packing throughput: the same samples trained with packing off and on, through train.py.
+"""Sample packing throughput: the same samples trained padded and packed, per attention backend, through train.py.
 
-    python scripts/benchmark.py                       # CPU: 256-wide 4-layer Llama, 600 chats, rows of 1024 tokens
+    python scripts/benchmark.py                       # CPU: 256-wide 4-layer Llama, 400 chats, rows of 1024 tokens
     python scripts/benchmark.py --num_samples 4000 --hidden_size 1024 --num_layers 8 --extra_args "--bf16 true"
+    python scripts/benchmark.py --backends varlen sdpa --extra_args "--bf16 true"     # GPU
 
-Builds a random-init Llama of the given size with the local tokenizer, writes a deterministic chat dataset with a
-long-tailed length mix (85% of samples 50-300 tokens, the rest up to ~1,000), prepares it once (both runs read the
-same cached tokenization), then trains one epoch unpacked and one packed. Both runs take about the same number of
-samples (and trained tokens) per optimizer step, so their losses are comparable: the packed run's batch is
---batch_size x mean sample length / --max_length rows.
+Builds a random-init Llama of the given size with the local tokenizer, writes a deterministic chat dataset with
+log-normal (long-tailed) lengths up to --max_length, prepares it once (every run reads the same cached
+tokenization), then trains one epoch padded and one packed for each --backends entry (default: every backend this
+machine runs; varlen is packed only). All runs take about the same number of samples (and trained tokens) per
+optimizer step, so their losses are comparable: a packed batch is --batch_size x mean sample length / --max_length
+rows.
 
-Prints one JSON line per run: sample_packing, real_tokens (tokens of the samples), computed_tokens (tokens the
-model ran, padding included, as the Trainer counts them), padding_efficiency, train_runtime_s, real_tokens_per_s,
-peak_memory_mb (peak RSS of the training process; on GPU the peak allocated memory when the run logs it),
-final_loss (the last logged training loss) and train_loss (mean over the run); then a summary line.
+Prints one JSON line per run: attn_implementation, sample_packing, real_tokens (tokens of the samples),
+computed_tokens (tokens the model ran, padding included, as the Trainer counts them), padding_efficiency,
+train_runtime_s, real_tokens_per_s, peak_memory_mb (peak RSS of the training process; on GPU the peak allocated
+memory when the run logs it), final_loss (the last logged training loss) and train_loss (mean over the run); then a
+summary line per backend.
 """
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -27,16 +31,28 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
 
 from make_sample_data import SYSTEM_PROMPT, chat_record, random_problem  # noqa: E402
 
-SHORT_SHARE = 0.85  # share of samples drawn from 50-300 tokens; the rest form the long tail
+# Log-normal sample lengths (median e^6 = 403 tokens): about a third of the samples are longer than half of a
+# 1,024-token row, the share that keeps rows of at most 1,024 tokens from being filled.
+LENGTH_MU, LENGTH_SIGMA = 6.0, 0.7
 
 
 def target_length(rng: random.Random, max_length: int) -> int:
-    if rng.random() < SHORT_SHARE:
-        return rng.randint(50, 300)
-    return min(int(300 + rng.paretovariate(1.2) * 100), max_length)
+    return max(40, min(int(math.exp(rng.gauss(LENGTH_MU, LENGTH_SIGMA))), max_length))
+
+
+def available_backends() -> list[str]:
+    """The attention backends this machine runs (varlen and flash_attention_2 need a CUDA GPU)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    from packing import varlen_available
+
+    return ["sdpa", "eager"] + (["varlen"] if varlen_available() else []) + (
+        ["flash_attention_2"] if is_flash_attn_2_available() else []
+    )
 
 
 def long_chat(rng: random.Random, tokenizer, length: int, max_length: int) -> dict:
@@ -70,12 +86,13 @@ def run(command: list[str]) -> tuple[int, float]:
     return code, usage.ru_maxrss / 1024
 
 
-def summarise(output_dir: Path, packing: bool, real_tokens: int, peak_rss_mb: float) -> dict:
+def summarise(output_dir: Path, backend: str, packing: bool, real_tokens: int, peak_rss_mb: float) -> dict:
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     final = history[-1]
     gpu_peaks = [value for entry in history for key, value in entry.items() if "peak" in key and "mem" in key]
     computed = final["num_input_tokens_seen"]
     return {
+        "attn_implementation": backend,
         "sample_packing": packing,
         "real_tokens": real_tokens,
         "computed_tokens": computed,
@@ -91,7 +108,7 @@ def summarise(output_dir: Path, packing: bool, real_tokens: int, peak_rss_mb: fl
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_samples", type=int, default=600, help="Chats in the dataset (one epoch is trained).")
+    parser.add_argument("--num_samples", type=int, default=400, help="Chats in the dataset (one epoch is trained).")
     parser.add_argument("--max_length", type=int, default=1024, help="Row length (packed) and longest sample.")
     parser.add_argument("--batch_size", type=int, default=8, help="Samples per batch without packing.")
     parser.add_argument("--hidden_size", type=int, default=256)
@@ -101,6 +118,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["packed", "unpacked"], default=None, help="Run one of the two only.")
+    parser.add_argument(
+        "--backends", nargs="+", choices=["sdpa", "eager", "varlen", "flash_attention_2"], default=None,
+        help="--attn_implementation values to compare (default: every one this machine runs).",
+    )  # fmt: skip
     parser.add_argument("--extra_args", default="", help='More train.py flags for both runs, e.g. "--bf16 true".')
     parser.add_argument("--work_dir", type=Path, default=None, help="Keep model, data and runs here (default: temp).")
     return parser.parse_args()
@@ -146,26 +167,35 @@ def main() -> None:
         )
 
         results = {}
-        for packing in (False, True):
-            if args.only and args.only != ("packed" if packing else "unpacked"):
-                continue
-            output_dir = work / ("packed" if packing else "unpacked")
-            batch_size = packed_rows if packing else args.batch_size
-            _, peak_rss_mb = run([
-                *common, "--output_dir", str(output_dir), "--sample_packing", str(packing).lower(),
-                "--per_device_train_batch_size", str(batch_size),
-            ])  # fmt: skip
-            results[packing] = summarise(output_dir, packing, real_tokens, peak_rss_mb)
-            print(json.dumps(results[packing]), flush=True)
+        for backend in args.backends or available_backends():
+            for packing in (False, True):
+                if (args.only and args.only != ("packed" if packing else "unpacked")) or (backend, packing) == (
+                    "varlen", False
+                ):  # fmt: skip
+                    continue
+                output_dir = work / f"{backend}-{'packed' if packing else 'padded'}"
+                batch_size = packed_rows if packing else args.batch_size
+                _, peak_rss_mb = run([
+                    *common, "--output_dir", str(output_dir), "--sample_packing", str(packing).lower(),
+                    "--per_device_train_batch_size", str(batch_size), "--attn_implementation", backend,
+                ])  # fmt: skip
+                results[backend, packing] = summarise(output_dir, backend, packing, real_tokens, peak_rss_mb)
+                print(json.dumps(results[backend, packing]), flush=True)
+    report_speedups(results)
 
-    if len(results) == 2:
-        speedup = results[True]["real_tokens_per_s"] / results[False]["real_tokens_per_s"]
-        print(
-            f"packing: {speedup:.2f}x real tokens/s, padding efficiency {results[False]['padding_efficiency']:.3f} "
-            f"-> {results[True]['padding_efficiency']:.3f}, final loss {results[False]['final_loss']} -> "
-            f"{results[True]['final_loss']}",
-            file=sys.stderr,
-        )
+
+def report_speedups(results: dict) -> None:
+    """Packed vs padded real tokens/s per backend, and every run against padded SDPA (the usual baseline)."""
+    baseline = results.get(("sdpa", False))
+    for (backend, packing), result in results.items():
+        line = f"{backend} {'packed' if packing else 'padded'}: {result['real_tokens_per_s']:,.0f} real tokens/s"
+        line += f", padding efficiency {result['padding_efficiency']:.3f}, train loss {result['train_loss']}"
+        padded = results.get((backend, False))
+        if packing and padded:
+            line += f"; {result['real_tokens_per_s'] / padded['real_tokens_per_s']:.2f}x its padded run"
+        if baseline and result is not baseline:
+            line += f"; {result['real_tokens_per_s'] / baseline['real_tokens_per_s']:.2f}x padded sdpa"
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":
