@@ -254,8 +254,11 @@ class FinetuneTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-def split_list_option(values: list[str]) -> list[str]:
-    """A list flag as users write it: space- or comma-separated, or the JSON list a config file gives."""
+def split_list_option(values: str | list[str]) -> list[str]:
+    """A list flag as users write it: space- or comma-separated, or the JSON list a config file gives (a plain
+    string when the arguments are built in code)."""
+    if isinstance(values, str):
+        values = [values]
     if len(values) == 1 and values[0].lstrip().startswith("["):
         values = json.loads(values[0])
     return [item.strip() for value in values for item in str(value).split(",") if item.strip()]

@@ -216,7 +216,7 @@ def test_auto_find_batch_size_halves_the_batch_on_out_of_memory(tiny_llama, tmp_
     model.forward = forward_with_small_memory
     args = training_args(tmp_path, auto_find_batch_size=True, per_device_train_batch_size=8, max_steps=2,
                          save_strategy="no", eval_strategy="no", logging_steps=1)  # fmt: skip
-    trainer = train.build_trainer(model, tokenizer, args, data_args, train_dataset, None, 128, [])
+    trainer = train.build_trainer(model, tokenizer, args, data_args, train_dataset, None, None, 128, [])
     trainer.train()
     assert batch_sizes[0] == 8 and 4 in batch_sizes and batch_sizes[-1] == 2
     assert trainer.state.global_step == 2 and trainer._train_batch_size == 2
