@@ -11,10 +11,12 @@ Three kinds of file are understood:
   a RunPod-style job  {"input": {"user_id", "model_id", "run_id", "credentials": {"hf_token", "wandb_api_key"},
                       "args": {...}}}: `args` is read as above; credentials go to the environment of the run only.
 
-Keys with no equivalent are listed in one warning (an error with --strict true). Keys set to null or an empty
-string set nothing; unknown keys set to false or an empty value (a feature turned off) are ignored. The
-TrueFoundry launcher's Axolotl-style flags (--base_model, --train_data_uri, ...) are translated on the command line
-too.
+Data keys that cannot be honoured (a `datasets` / `test_datasets` key or value, a named chat template,
+`pretraining_dataset`) always stop the run, naming the key, the entry and the reason: ignoring them would train on
+other data than the file describes. Other keys with no equivalent are listed in one warning (an error with --strict
+true). Keys set to null or an empty string set nothing; unknown keys set to false or an empty value (a feature
+turned off) are ignored. The TrueFoundry launcher's Axolotl-style flags (--base_model, --train_data_uri, ...) are
+translated on the command line too.
 """
 
 import json
@@ -27,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from data_mixing import source_entries
 from data_utils import NO_EVAL_DATA
 
 logger = logging.getLogger(__name__)
@@ -35,9 +38,12 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # RunPod job credentials and the environment variables the libraries read them from.
 CREDENTIAL_ENVIRONMENT = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY"}
 JOB_METADATA_KEYS = ("user_id", "model_id", "run_id")
-DATASET_KEYS = {"path", "type", "ds_type", "data_files", "field_messages", "split"}
-DATASET_TYPES = {"alpaca": "alpaca", "sharegpt": "sharegpt", "completion": "text"}
 CHAT_TEMPLATE_TYPE = "chat_template"
+# Keys that decide what the model trains on: one that cannot be honoured always stops the run (with or without
+# --strict), since ignoring it would train on other data than the file describes. `datasets` and `test_datasets`
+# entries are checked key by key in translate_data.
+DATA_KEYS = ("chat_template", "chat_template_jinja", "chat_template_kwargs", "pretraining_dataset")
+SOURCE_FLAGS = ("train_data", "eval_data")
 # Axolotl chat_template values that keep the tokenizer's own template (ours falls back to a ChatML-style default).
 TOKENIZER_TEMPLATES = ("tokenizer_default", "tokenizer_default_fallback_chatml")
 # The TrueFoundry launcher's Axolotl-style command-line flags (translated like the keys of an Axolotl file).
@@ -61,6 +67,7 @@ class Untranslatable(Exception):
 class Translation:
     tokens: list[str] = field(default_factory=list)
     untranslated: list[str] = field(default_factory=list)  # "key: why" for every key with no equivalent
+    refused: list[str] = field(default_factory=list)  # "key: why" for data keys that cannot be honoured: always stop
 
 
 def option_names(argument_groups) -> set[str]:
@@ -263,84 +270,197 @@ def translate_val_set_size(value: Any, config: dict) -> list[str]:
     return ["--eval_size", token(value)]
 
 
-def dataset_source(entry: Any, key: str) -> str:
-    """One entry of `datasets` / `test_datasets` as a --train_data / --eval_data value."""
-    if isinstance(entry, str):
-        return entry
-    if not isinstance(entry, dict) or not entry.get("path"):
-        raise ConfigFileError(f"{key}: each entry needs a path, got {entry!r}.")
-    path, data_files, split = str(entry["path"]), entry.get("data_files"), entry.get("split") or "train"
-    if data_files:
-        if split != "train":
-            raise Untranslatable(f"{key}: split {split!r} with data_files; data_files are read as the train split")
-        files = [data_files] if isinstance(data_files, str) else list(data_files)
-        if len(files) != 1:
-            raise Untranslatable(f"{key}: data_files with several files; put them in one directory and use its path")
-        local = Path(path).expanduser()
-        if local.is_dir():
-            path = str(local / files[0])
-        elif Path(files[0]).expanduser().is_file():
-            path = files[0]
-        else:  # a file inside a Hugging Face dataset repo
-            path = f"hf://datasets/{path}/{files[0]}"
-        return path
-    # 'train' is what this script reads by default (and the only split of a file or a directory of files)
-    return path if split == "train" else f"{path}:{split}"
-
-
-def dataset_format(entry: Any, key: str) -> str:
-    kind = entry.get("type") if isinstance(entry, dict) else None
-    if kind is None:
-        return "auto"
-    if kind in DATASET_TYPES:
-        return DATASET_TYPES[kind]
-    if kind == CHAT_TEMPLATE_TYPE:
-        messages = entry.get("field_messages") or "messages"
-        if messages == "messages":
-            return "chat"
-        if messages == "conversations":
-            return "sharegpt"
-        raise Untranslatable(f"{key}: field_messages {messages!r}; records need 'messages' or 'conversations'")
-    raise Untranslatable(
-        f"{key}: type {kind!r}; supported types are alpaca, sharegpt, chat_template and completion "
-        "(prompt/completion records are detected without a type)"
-    )
-
-
-def translate_datasets(key: str, flag: str, entries: Any) -> tuple[list[str], set[str]]:
-    if isinstance(entries, dict | str):
-        entries = [entries]
-    if len(entries) != 1:
-        raise Untranslatable(
-            f"{key} with {len(entries)} entries: this script reads one source; put the files in one directory"
-        )
-    entry = entries[0]
-    ignored = sorted(set(entry) - DATASET_KEYS) if isinstance(entry, dict) else []
-    if ignored:
-        raise Untranslatable(f"{key}[0] keys {', '.join(ignored)} have no equivalent")
-    return [flag, dataset_source(entry, key)], {dataset_format(entry, key)}
+# Axolotl `datasets` / `test_datasets` entries -> our sources (data_mixing.SOURCE_OPTIONS). A key that cannot be
+# honoured stops the run: leaving it out would silently train on other data than the file describes.
 
 
 def translate_data(config: dict, translation: Translation) -> None:
     """datasets / test_datasets / val_set_size: the data and the evaluation split, with Axolotl's defaults (no
     evaluation unless val_set_size > 0 or test_datasets is given)."""
-    formats = set()
+    translated = {}
     for key, flag in (("datasets", "--train_data"), ("test_datasets", "--eval_data")):
         if is_unset(config.get(key)):
             continue
-        try:
-            tokens, found = translate_datasets(key, flag, config[key])
-        except Untranslatable as reason:
-            translation.untranslated.append(str(reason))
-            continue
-        translation.tokens += tokens
-        formats |= found
-    if formats:
-        translation.tokens += ["--data_format", formats.pop() if len(formats) == 1 else "auto"]
+        entries = config[key] if isinstance(config[key], list) else [config[key]]
+        translated[flag] = []
+        for index, entry in enumerate(entries):
+            try:
+                translated[flag].append(with_template_kwargs(axolotl_source(entry, config), config))
+            except Untranslatable as reason:
+                translation.refused.append(f"{key}[{index}] ({entry_path(entry)}): {reason}")
+    translation.tokens += sources_tokens(translated)
     if not config.get("test_datasets"):
         translation.tokens += ["--eval_size", token(config.get("val_set_size") or 0)]
     if not has_eval_data(config):
         translation.tokens += ["--eval_strategy", "no"]
+
+
+def sources_tokens(translated: dict[str, list[dict]]) -> list[str]:
+    """--train_data / --eval_data values, and one --data_format when every source has the same record shape; a
+    plain path for a lone source without options."""
+    formats = {source.get("format", "auto") for sources in translated.values() for source in sources}
+    tokens = []
+    for flag, sources in translated.items():
+        if len(formats) == 1:
+            sources = [{k: v for k, v in source.items() if k != "format"} for source in sources]
+        path = sources[0]["path"] if len(sources) == 1 and set(sources[0]) == {"path"} else None
+        if path and "," not in path and not path.startswith(("[", "{")):  # read back as one plain path
+            tokens += [flag, path]
+        else:
+            tokens += [flag, json.dumps(sources, separators=(",", ":"))]
+    return tokens + (["--data_format", formats.pop()] if len(formats) == 1 else [])
+
+
+def with_template_kwargs(source: dict, config: dict) -> dict:
+    """The top-level chat_template_kwargs go to every source, as Axolotl applies them to every chat."""
+    if isinstance(config.get("chat_template_kwargs"), dict) and config["chat_template_kwargs"]:
+        return {**source, "chat_template_kwargs": dict(config["chat_template_kwargs"])}
+    return source
+
+
+def entry_path(entry: Any) -> str:
+    return str(entry.get("path")) if isinstance(entry, dict) else repr(entry)
+
+
+# What each key of an entry means here; keys not listed cannot be honoured.
+AXOLOTL_DATASET_KEYS = ("path", "type", "ds_type", "data_files", "split", "name", "shards", "shards_idx",
+                        "field_messages", "message_property_mappings", "message_field_role", "message_field_content",
+                        "roles", "roles_to_train", "train_on_eos", "chat_template", "field")  # fmt: skip
+READABLE_DS_TYPES = ("json", "jsonl", "parquet")
+FORMAT_OF_TYPE = {"alpaca": "alpaca", "sharegpt": "sharegpt", "completion": "text", CHAT_TEMPLATE_TYPE: "chat"}
+# Axolotl's chat_template role names when `roles` is not given (prompt_strategies/chat_template.py).
+AXOLOTL_DEFAULT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                         "system": "system", "tool": "tool"}  # fmt: skip
+
+
+def axolotl_source(entry: Any, config: dict) -> dict:
+    """One entry of `datasets` / `test_datasets` as one of our sources; Untranslatable names every key that cannot
+    be honoured and why."""
+    if isinstance(entry, str):
+        return {"path": entry}
+    if not isinstance(entry, dict) or not entry.get("path"):
+        raise Untranslatable(f"each entry needs a path, got {entry!r}")
+    entry = {key: value for key, value in entry.items() if value is not None}
+    problems = [f"{key}: no equivalent here" for key in sorted(set(entry) - set(AXOLOTL_DATASET_KEYS))]
+    source = {"path": str(entry["path"])}
+    for translate in (translate_location, translate_type, translate_chat_fields, translate_trained_roles):
+        try:
+            source.update(translate(entry, config))
+        except Untranslatable as reason:
+            problems.append(str(reason))
+    if problems:
+        raise Untranslatable("; ".join(problems))
+    return source
+
+
+def translate_location(entry: dict, config: dict) -> dict:
+    source, split = {}, str(entry.get("split") or "train")
+    if str(entry.get("ds_type") or "json").lower() not in READABLE_DS_TYPES:
+        raise Untranslatable(f"ds_type {entry['ds_type']!r}: only JSON / JSON Lines and Parquet files are read")
+    if entry.get("data_files"):
+        if split != "train":
+            raise Untranslatable(f"split {split!r} with data_files: data_files are read as the train split")
+        files = entry["data_files"]
+        source["data_files"] = [files] if isinstance(files, str) else [str(file) for file in files]
+    if split != "train":
+        source["split"] = split
+    if entry.get("name"):
+        source["name"] = str(entry["name"])
+    if entry.get("shards"):
+        source.update(shards=int(entry["shards"]), shard_index=int(entry.get("shards_idx") or 0))
+    elif entry.get("shards_idx"):
+        raise Untranslatable("shards_idx without shards")
+    return source
+
+
+def translate_type(entry: dict, config: dict) -> dict:
+    kind = entry.get("type")
+    if kind is None:
+        return {}
+    if kind not in FORMAT_OF_TYPE:
+        raise Untranslatable(
+            f"type {kind!r}: supported types are alpaca, sharegpt, chat_template and completion (prompt/completion, "
+            "text and tokenized records are detected without a type); convert the records to one of those shapes"
+        )
+    source = {"format": FORMAT_OF_TYPE[kind]}
+    if kind == "completion" and entry.get("field", "text") != "text":
+        source["fields"] = {"text": str(entry["field"])}
+    elif entry.get("field") and kind != "completion":
+        raise Untranslatable(f"field {entry['field']!r} applies to type: completion only")
+    template = entry.get("chat_template")
+    if template is not None and template != config.get("chat_template", TOKENIZER_TEMPLATES[0]):
+        if not (template in TOKENIZER_TEMPLATES and config.get("chat_template") in (None, *TOKENIZER_TEMPLATES)):
+            raise Untranslatable(
+                f"chat_template {template!r}: every source is rendered with the run's one chat template "
+                f"({config.get('chat_template', 'tokenizer_default')}); set it at the top level instead"
+            )
+    return source
+
+
+def translate_chat_fields(entry: dict, config: dict) -> dict:
+    """field_messages, message_property_mappings (or the older message_field_role / _content) and roles."""
+    chat_keys = {"field_messages", "message_property_mappings", "message_field_role", "message_field_content", "roles"}
+    if entry.get("type") != CHAT_TEMPLATE_TYPE:
+        misplaced = sorted(chat_keys & set(entry))
+        if misplaced:
+            raise Untranslatable(f"{', '.join(misplaced)} apply to type: chat_template only")
+        return {}
+    source = {}
+    if entry.get("field_messages", "messages") != "messages":
+        source["fields"] = {"messages": str(entry["field_messages"])}
+    mappings = dict(entry.get("message_property_mappings") or {})
+    mappings.setdefault("role", entry.get("message_field_role", "role"))
+    mappings.setdefault("content", entry.get("message_field_content", "content"))
+    if not all(isinstance(value, str) for value in mappings.values()):
+        raise Untranslatable(f"message_property_mappings must map names to names, got {mappings!r}")
+    if renamed := {ours: theirs for ours, theirs in mappings.items() if ours != theirs}:
+        source["message_fields"] = renamed
+    roles = AXOLOTL_DEFAULT_ROLES if not entry.get("roles") else axolotl_roles(entry["roles"])
+    if renamed_roles := {theirs: ours for theirs, ours in roles.items() if theirs != ours}:
+        source["roles"] = renamed_roles
+    return source
+
+
+def axolotl_roles(roles: Any) -> dict[str, str]:
+    """Axolotl's `roles` ({ours: [theirs, ...]}) as {theirs: ours}."""
+    if not isinstance(roles, dict):
+        raise Untranslatable(f"roles must map a role to a list of names, got {roles!r}")
+    return {str(theirs): str(ours) for ours, names in roles.items()
+            for theirs in ([names] if isinstance(names, str) else names)}  # fmt: skip
+
+
+def translate_trained_roles(entry: dict, config: dict) -> dict:
+    """roles_to_train / train_on_eos: the loss mask here trains each assistant turn and its end-of-turn token, which
+    is Axolotl's default (["assistant"], "turn"); other values would train other tokens, so they stop the run."""
+    problems = []
+    roles = entry.get("roles_to_train", ["assistant"])
+    if sorted([roles] if isinstance(roles, str) else roles) != ["assistant"]:
+        problems.append(
+            f"roles_to_train {roles!r}: only the assistant turns carry loss here (Axolotl's default ['assistant']); "
+            "use train_on_inputs: true to train every token"
+        )
+    if entry.get("train_on_eos", "turn") != "turn":
+        problems.append(
+            f"train_on_eos {entry['train_on_eos']!r}: the end-of-turn token of every trained turn carries loss here "
+            "(Axolotl's default 'turn')"
+        )
+    if problems:
+        raise Untranslatable("; ".join(problems))
+    return {}
+
+
+def translate_chat_template_kwargs(value: Any, config: dict) -> list[str]:
+    """Handled by translate_data: the variables go to every source (a source's own keys win)."""
+    if not isinstance(value, dict):
+        raise Untranslatable(f"chat_template_kwargs must be a mapping, got {value!r}")
+    return []
+
+
+def translate_pretraining_dataset(value: Any, config: dict) -> list[str]:
+    raise Untranslatable(
+        "pretraining_dataset: streamed pretraining datasets are not read here; list the text data under datasets "
+        "with type: completion (it is read whole, so keep it to what fits on disk)"
+    )
 
 
 AXOLOTL_TRANSLATIONS: dict[str, Callable[[Any, dict], list[str]]] = {
@@ -376,6 +496,9 @@ AXOLOTL_TRANSLATIONS: dict[str, Callable[[Any, dict], list[str]]] = {
     "special_tokens": translate_special_tokens,
     "chat_template": translate_chat_template,
     "chat_template_jinja": lambda value, config: [],  # read with chat_template: jinja
+    "chat_template_kwargs": translate_chat_template_kwargs,
+    "pretraining_dataset": translate_pretraining_dataset,
+    "dataset_exact_deduplication": bool_option("dedup"),
     "default_system_message": option("default_system_message"),
     "saves_per_epoch": translate_saves_per_epoch,
     "evals_per_epoch": translate_evals_per_epoch,
@@ -431,8 +554,9 @@ def translate_config(config: dict, known_options: set[str]) -> Translation:
             missing = [flag for flag in tokens[::2] if flag[2:] not in known_options]
             if missing:
                 raise Untranslatable(f"{key}: {missing[0]} is not available in this version")
-        except Untranslatable as reason:
-            translation.untranslated.append(str(reason))
+        except (Untranslatable, ConfigFileError) as reason:  # a value this script cannot take is listed like a key
+            message = str(reason) if isinstance(reason, Untranslatable) else f"{key}: {reason}"
+            (translation.refused if key in DATA_KEYS else translation.untranslated).append(message)
             continue
         translation.tokens += tokens
     return translation
@@ -535,17 +659,25 @@ def last_value(tokens: list[str], name: str) -> str | None:
 
 
 def expand_command_line(arguments: list[str], argument_groups) -> list[str]:
-    """The command line with a leading config file expanded into flags, and launcher flags translated.
+    """The command line with a leading config file expanded into flags, launcher flags translated, and repeated
+    --train_data / --eval_data flags of the command line joined into one list of sources.
 
-    Raises ConfigFileError for unreadable files, and for keys with no equivalent when --strict is true (in the file
-    or on the command line); otherwise those keys are listed in one warning.
+    Raises ConfigFileError for unreadable files, for data keys that cannot be honoured, and for other keys with no
+    equivalent when --strict is true (in the file or on the command line); otherwise those keys are listed in one
+    warning.
     """
-    if not arguments or arguments[0].startswith("-") or not arguments[0].lower().endswith(CONFIG_SUFFIXES):
-        return translate_launcher_flags(arguments)
-    path = Path(arguments[0]).expanduser()
+    path = config_file_argument(arguments)
+    if path is None:
+        return join_repeated_sources(translate_launcher_flags(arguments))
     translation = config_tokens(path, option_names(argument_groups))
-    command_line = translate_launcher_flags(arguments[1:])
+    command_line = join_repeated_sources(translate_launcher_flags(arguments[1:]))
     tokens = translation.tokens + command_line
+    if translation.refused:
+        listing = "\n  ".join(translation.refused)
+        raise ConfigFileError(
+            f"{path}: {len(translation.refused)} data key(s) cannot be honoured, so nothing was loaded "
+            f"(training without them would use other data than the file describes):\n  {listing}"
+        )
     if translation.untranslated:
         listing = "\n  ".join(translation.untranslated)
         if as_bool(last_value(tokens, "strict") or "false", "--strict"):
@@ -557,3 +689,36 @@ def expand_command_line(arguments: list[str], argument_groups) -> list[str]:
             listing,
         )
     return tokens
+
+
+def config_file_argument(arguments: list[str]) -> Path | None:
+    """The config file given first on the command line, if any."""
+    if not arguments or arguments[0].startswith("-") or not arguments[0].lower().endswith(CONFIG_SUFFIXES):
+        return None
+    return Path(arguments[0]).expanduser()
+
+
+def join_repeated_sources(tokens: list[str]) -> list[str]:
+    """`--train_data a --train_data b` as one `--train_data` holding both lists of sources (argparse keeps the last)."""
+    for name in SOURCE_FLAGS:
+        values, kept, index = [], [], 0
+        while index < len(tokens):
+            if flag_name(tokens[index]) == name:
+                _, value, index = split_flag(tokens, index)
+                values.append(value or "")
+            else:
+                kept.append(tokens[index])
+                index += 1
+        if len(values) > 1:
+            entries = [entry for value in values for entry in source_entries(value, f"--{name}")]
+            tokens = [*kept, f"--{name}", json.dumps(entries, separators=(",", ":"))]
+    return tokens
+
+
+def raise_parse_error(path: Path, message: str) -> None:
+    """argparse's error for a run from a config file: one line naming the file, instead of the usage text."""
+    if "--train_data" in message and "required" in message:
+        message = "no training data: add datasets (Axolotl) or train_data (our options), or pass --train_data"
+    raise ConfigFileError(
+        f"{path}: {message}. Fix the key in the file (or the flag after it); python train.py --help lists the options."
+    )

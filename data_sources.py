@@ -84,7 +84,9 @@ class DataFile:
 # Public interface
 
 
-def iter_source_records(spec: str, flag: str, cache_dir: str | None = None) -> Iterator[Record]:
+def iter_source_records(
+    spec: str, flag: str, cache_dir: str | None = None, config_name: str | None = None
+) -> Iterator[Record]:
     """Yield (location, value) for every record of the data source `spec`.
 
     value is the parsed JSON value, or an InvalidRecord when the record cannot be parsed. location is 'path:line'
@@ -92,8 +94,13 @@ def iter_source_records(spec: str, flag: str, cache_dir: str | None = None) -> I
     ('id:split[index]' for a split of a dataset dict). Columnar sources (parquet, datasets) cannot leave a key out, so
     their null columns are dropped from each row. A file with no records yields (path, InvalidRecord(NO_RECORDS)).
     Raises DataError, naming `flag`, when the source itself cannot be opened. The source is resolved (and an artifact
-    downloaded) when this is called; records are read while iterating.
+    downloaded) when this is called; records are read while iterating. `config_name` picks a configuration of a hub
+    dataset (`load_dataset(id, config_name)`); other sources have none.
     """
+    if config_name and (spec.startswith(ARTIFACT_PREFIX) or url_scheme(spec) or split_local_spec(spec)):
+        raise DataError(
+            f"{flag}: {mask_secrets(spec)}: a configuration name ({config_name!r}) applies to hub datasets."
+        )
     if spec.startswith(ARTIFACT_PREFIX):
         return iter_artifact_records(spec, flag, cache_dir)
     scheme = url_scheme(spec)
@@ -104,12 +111,12 @@ def iter_source_records(spec: str, flag: str, cache_dir: str | None = None) -> I
     if local := split_local_spec(spec):
         return iter_local_records(*local, flag)
     name, split = hub_id_and_split(spec, flag)
-    return iter_hub_records(name, split, flag)
+    return iter_hub_records(name, split, flag, config_name=config_name)
 
 
-def fingerprint_source(spec: str) -> str:
+def fingerprint_source(spec: str, config_name: str | None = None) -> str:
     """A short stable hash of the source's content identity, for a cache key (no file is read whole)."""
-    identity = json.dumps(source_identity(spec), sort_keys=True, default=str)
+    identity = json.dumps(source_identity(spec, config_name), sort_keys=True, default=str)
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -318,12 +325,14 @@ def iter_saved_dataset(path: str, split: str | None, flag: str, label: str) -> I
     return iter_dataset_split(loaded, split, flag, label)
 
 
-def iter_hub_records(name: str, split: str | None, flag: str, label: str | None = None) -> Iterator[Record]:
+def iter_hub_records(
+    name: str, split: str | None, flag: str, label: str | None = None, config_name: str | None = None
+) -> Iterator[Record]:
     """A hub dataset id, or a local directory laid out like a hub repo (`label` set), through `load_dataset`."""
     logger.info("Loading %s with datasets.load_dataset", label or name)
     try:
         # Loads every split: `load_dataset(split=...)` prepares them all anyway.
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(name, config_name)
     except LOAD_ERRORS as error:
         raise DataError(hub_load_problem(name, label, flag, error)) from None
     return iter_dataset_split(loaded, split, flag, label or name)
@@ -486,7 +495,7 @@ def download_artifact(fqn: str, flag: str, destination: Path) -> Path:
 # Fingerprints
 
 
-def source_identity(spec: str) -> list:
+def source_identity(spec: str, config_name: str | None = None) -> list:
     if spec.startswith(ARTIFACT_PREFIX):
         return ["truefoundry-artifact", spec]  # a version FQN never changes content
     scheme = url_scheme(spec)
@@ -498,7 +507,7 @@ def source_identity(spec: str) -> list:
         path, split = local
         return ["local", split, local_identity(path)]
     name, split = hub_id_and_split(spec, FINGERPRINT_FLAG)
-    return ["hub", name, hub_fingerprint(name, split)]
+    return ["hub", name, config_name, hub_fingerprint(name, split, config_name)]
 
 
 def local_identity(path: Path) -> list:
@@ -531,10 +540,10 @@ def remote_file_identity(filesystem: fsspec.AbstractFileSystem, path: str, url: 
     return [mask_secrets(path), *(info.get(field) for field in REMOTE_IDENTITY_FIELDS)]
 
 
-def hub_fingerprint(name: str, split: str | None) -> str:
+def hub_fingerprint(name: str, split: str | None, config_name: str | None = None) -> str:
     """The fingerprint of the split that would be read (so 'org/name' and 'org/name:train' agree)."""
     try:
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(name, config_name)
     except LOAD_ERRORS as error:
         raise DataError(hub_load_problem(name, None, FINGERPRINT_FLAG, error)) from None
     dataset, _ = choose_split(loaded, split, FINGERPRINT_FLAG, name)

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,10 +32,24 @@ from huggingface_hub.constants import HF_HOME
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 import chat_masks
+import data_mixing
 from chat_masks import ChatMaskError, chat_text_and_spans, masked_samples
+from data_mixing import (
+    MIXING_STRATEGIES,
+    RECORD_FORMATS,
+    DataSource,
+    SourceCounts,
+    mixture_positions,
+    parse_sources,
+    random_subset,
+    selected_positions,
+    subset_size,
+    summary_rows,
+    summary_table,
+    weighted_quotas,
+)
 from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records
 from packing import IGNORE_INDEX, FlattenedCollator, PackedCollator, pack_dataset
-from redaction import mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +75,16 @@ class DataArguments:
         metadata={
             "help": "Training data: a .jsonl/.jsonl.gz/.json/.parquet file or a directory of them, an http(s):// or "
             "s3://, gs://, ... URL, a Hugging Face dataset id or save_to_disk directory (append :split to pick a "
-            "split), or a TrueFoundry artifact version FQN."
+            "split), or a TrueFoundry artifact version FQN. Several sources: repeat the flag, separate them with "
+            "commas, or give a JSON list; a JSON object gives one source options (format, fields, roles, split, "
+            'records, weight, ...), e.g. \'[{"path": "chat.jsonl", "weight": 3}, "alpaca.jsonl"]\'. See the README.'
         }
     )
     eval_data: str = field(
         default=NO_EVAL_DATA,
         metadata={
-            "help": "Evaluation data in the same form as --train_data. 'NA' splits --eval_size off the train data."
+            "help": "Evaluation data in the same form as --train_data (several sources are concatenated). 'NA' splits "
+            "--eval_size off the train data."
         },
     )
     eval_size: float = field(
@@ -76,9 +94,24 @@ class DataArguments:
             "training data, shuffled with --data_seed. 0 disables evaluation."
         },
     )
-    data_format: Literal["auto", "prompt_completion", "chat", "alpaca", "sharegpt", "text", "tokenized"] = field(
+    data_format: Literal[RECORD_FORMATS] = field(
         default="auto",
-        metadata={"help": "Record shape. 'auto' detects it per record from its keys; any other value is enforced."},
+        metadata={
+            "help": "Record shape. 'auto' detects it per record from its keys; any other value is enforced. A source's "
+            "own 'format' option wins."
+        },
+    )
+    data_mixing: Literal[MIXING_STRATEGIES] = field(
+        default="concat",
+        metadata={
+            "help": "How several training sources make one dataset: 'concat' uses every record of each once; "
+            "'weighted' draws --data_mix_size records, each source's share in proportion to its 'weight' "
+            "(under-sampling without replacement, over-sampling by repeating), deterministic from --data_seed."
+        },
+    )
+    data_mix_size: int = field(
+        default=0,
+        metadata={"help": "Training records of a --data_mixing weighted mixture. 0: as many as the sources hold."},
     )
     chat_template: str | None = field(
         default=None,
@@ -164,6 +197,21 @@ class DataArguments:
             "options; a rerun with the same inputs reuses them. 'none' disables the cache."
         },
     )
+
+    def __post_init__(self):
+        train = self.sources("train")  # a malformed source stops here, before anything is loaded
+        if self.eval_data != NO_EVAL_DATA and any(source.weight != 1 for source in self.sources("eval")):
+            raise DataError("--eval_data: evaluation sources are concatenated; 'weight' applies to --train_data.")
+        if self.data_mixing == "concat" and any(source.weight != 1 for source in train):
+            raise DataError("--train_data: a source has a 'weight', which only --data_mixing weighted uses.")
+        if self.data_mix_size and self.data_mixing != "weighted":
+            raise DataError("--data_mix_size sets the size of a --data_mixing weighted mixture; set both or neither.")
+        if self.data_mix_size < 0:
+            raise DataError("--data_mix_size must be >= 0.")
+
+    def sources(self, split: Literal["train", "eval"]) -> list[DataSource]:
+        """The sources of --train_data or --eval_data with their options."""
+        return parse_sources(self.train_data if split == "train" else self.eval_data, f"--{split}_data")
 
 
 # Record shapes: detection, validation, normalisation
@@ -345,6 +393,10 @@ class ProblemReport:
         if len(self.shown) < MAX_REPORTED_PROBLEMS:
             self.shown.append(f"{location}: {reason}")
 
+    def extend(self, other: "ProblemReport") -> None:
+        self.shown = (self.shown + other.shown)[:MAX_REPORTED_PROBLEMS]
+        self.total += other.total
+
     def text(self) -> str:
         return f"{self.total} invalid record(s) (showing {len(self.shown)}):\n  " + "\n  ".join(self.shown)
 
@@ -357,13 +409,41 @@ def with_system_message(row: dict, system_message: str) -> dict:
     return {**row, "messages": json.dumps(messages, ensure_ascii=False)}
 
 
-def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0, max_chars: int | None = None) -> list[dict]:
-    """Read and validate every record of a source; stop with a report, or drop the invalid ones when asked. Records
-    longer than `max_chars` characters meet --long_sequence_strategy here, before they cost any tokenizing."""
-    rows, report, seen, duplicates = [], ProblemReport(), set(), 0
+def read_records(
+    spec: "str | DataSource", flag: str, args: DataArguments, limit: int = 0, max_chars: int | None = None
+) -> list[dict]:
+    """Read and validate every record of one source; stop with a report, or drop the invalid ones when asked."""
+    source = spec if isinstance(spec, DataSource) else DataSource(path=spec)
+    rows, _, report = read_source(source, 0, flag, args, set(), limit, max_chars=max_chars)
+    raise_or_log_problems(report, flag, args)
+    if not rows:
+        raise DataError(f"{flag}: {source.label} holds no valid record.")
+    return rows
+
+
+def read_source(
+    source: DataSource,
+    source_id: int,
+    flag: str,
+    args: DataArguments,
+    seen: set,
+    limit: int = 0,
+    seed: int = 0,
+    max_chars: int | None = None,
+) -> tuple[list[dict], SourceCounts, ProblemReport]:
+    """The valid rows of one source, tagged with `source_id` and its chat template kwargs; what happened to the others
+    (counts); and the invalid records. `seen` holds the keys of rows already read, for --dedup across sources.
+    Records longer than `max_chars` characters meet --long_sequence_strategy here, before they cost any tokenizing."""
+    records = list(iter_records(source, flag, limit if can_stop_early(source) else 0, args))
+    counts = SourceCounts(label=source.label, read=len(records))
+    positions = selected_positions(len(records), source, seed)
+    if positions is not None:
+        counts.skipped += len(records) - len(positions)
+        records = [records[index] for index in positions]
+    rows, report, duplicates = [], ProblemReport(), 0
     too_long, dropped = ProblemReport(), 0
-    for location, value in iter_source_records(spec, flag):
-        row = value.reason if isinstance(value, InvalidRecord) else normalize_record(value, args.data_format)
+    kwargs = json.dumps(source.chat_template_kwargs, sort_keys=True) if source.chat_template_kwargs else None
+    for location, row in records:
         if isinstance(row, str):
             report.add(location, row)
             continue
@@ -385,13 +465,8 @@ def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0, max_
                 duplicates += 1
                 continue
             seen.add(key)
-        rows.append({**row, "source": location})
-        if limit and len(rows) >= limit:
-            break
-    if report.total and not args.skip_invalid_samples:
-        raise DataError(
-            f"{flag}: {report.text()}\nFix these records, or pass --skip_invalid_samples true to drop them."
-        )
+        rows.append({**row, "source": location, "source_id": source_id, "chat_template_kwargs": kwargs})
+    counts.invalid, counts.skipped = report.total, counts.skipped + duplicates + dropped
     if too_long.total:
         raise DataError(
             f"{flag}: {too_long.total} record(s) hold more than {max_chars} characters of text, more than "
@@ -402,13 +477,82 @@ def read_records(spec: str, flag: str, args: DataArguments, limit: int = 0, max_
     if dropped:
         logger.warning("%s: dropped %d record(s) longer than %d characters (--long_sequence_strategy drop).",
                        flag, dropped, max_chars)  # fmt: skip
+    if duplicates:
+        logger.warning("%s: %s: dropped %d exact duplicate record(s) (--dedup true).", flag, source.label, duplicates)
+    kept = random_subset(len(rows), subset_size(len(rows), source.records), np.random.default_rng([seed, source_id]))
+    if len(kept) < len(rows):
+        counts.skipped += len(rows) - len(kept)
+        rows = [rows[index] for index in kept]
+    return rows, counts, report
+
+
+def can_stop_early(source: DataSource) -> bool:
+    """Whether reading may stop after `limit` valid records (slices, shards and subsets need the whole source)."""
+    return not (source.shards or source.records or (source.split and "[" in source.split))
+
+
+def iter_records(source: DataSource, flag: str, limit: int, args: DataArguments) -> Iterator[tuple[str, dict | str]]:
+    """(location, normalized row or the reason it is invalid) for every record of the source, in order."""
+    data_format = source.format or args.data_format
+    valid = 0
+    for spec in source_specs(source):
+        for location, value in iter_source_records(spec, flag, config_name=source.name):
+            if isinstance(value, InvalidRecord):
+                yield location, value.reason
+                continue
+            row = normalize_record(mapped_record(value, source), data_format)
+            yield location, row
+            valid += not isinstance(row, str)
+            if limit and valid >= limit:
+                return
+
+
+def source_specs(source: DataSource) -> list[str]:
+    """What data_sources reads for a source: its path (with the split), or each of its data_files."""
+    split = source.base_split()
+    if not source.data_files:
+        return [source.path if split in (None, "train") else f"{source.path}:{split}"]
+    local = Path(source.path).expanduser()
+    specs = []
+    for name in source.data_files:
+        if local.is_dir():
+            specs.append(str(local / name))
+        elif Path(name).expanduser().is_file():
+            specs.append(name)
+        else:  # a file inside a Hugging Face dataset repo
+            specs.append(f"hf://datasets/{source.path}/{name}")
+    return specs
+
+
+def mapped_record(record: Any, source: DataSource) -> Any:
+    """The record with the source's field, message-field and role names replaced by ours."""
+    if not isinstance(record, dict) or not (source.fields or source.message_fields or source.roles):
+        return record
+    theirs_to_ours = {theirs: ours for ours, theirs in source.fields.items()}
+    record = {theirs_to_ours.get(key, key): value for key, value in record.items()}
+    messages = record.get("messages")
+    if isinstance(messages, list) and (source.message_fields or source.roles):
+        record["messages"] = [mapped_message(message, source) for message in messages]
+    return record
+
+
+def mapped_message(message: Any, source: DataSource) -> Any:
+    if not isinstance(message, dict):
+        return message
+    theirs_to_ours = {theirs: ours for ours, theirs in source.message_fields.items()}
+    message = {theirs_to_ours.get(key, key): value for key, value in message.items()}
+    if source.roles and message.get("role") in source.roles:
+        message["role"] = source.roles[message["role"]]
+    return message
+
+
+def raise_or_log_problems(report: ProblemReport, flag: str, args: DataArguments) -> None:
+    if report.total and not args.skip_invalid_samples:
+        raise DataError(
+            f"{flag}: {report.text()}\nFix these records, or pass --skip_invalid_samples true to drop them."
+        )
     if report.total:
         logger.warning("%s: dropped %s", flag, report.text())
-    if duplicates:
-        logger.warning("%s: dropped %d exact duplicate record(s) (--dedup true).", flag, duplicates)
-    if not rows:
-        raise DataError(f"{flag}: {mask_secrets(spec)} holds no valid record.")
-    return rows
 
 
 # Length pre-check: bounds the work per record before tokenizing (a 20 MB line would take minutes and gigabytes)
@@ -447,13 +591,48 @@ def truncated_record(row: dict, max_chars: int) -> dict:
     return {**row, **cut}
 
 
-def load_raw_datasets(args: DataArguments, seed: int, max_chars: int | None = None) -> tuple[Dataset, Dataset | None]:
-    """Validated train (and eval) records, before tokenization."""
-    train = Dataset.from_list(read_records(args.train_data, "--train_data", args, args.max_num_samples, max_chars))
+def read_sources(
+    sources: list[DataSource], flag: str, args: DataArguments, seed: int, limit: int = 0, max_chars: int | None = None
+) -> tuple[list[dict], list[SourceCounts]]:
+    """The valid rows of every source in order (at most `limit` in all), and each source's counts."""
+    all_rows, all_counts, report, seen = [], [], ProblemReport(), set()
+    for source_id, source in enumerate(sources):
+        remaining = limit - len(all_rows) if limit else 0
+        rows, counts, problems = read_source(source, source_id, flag, args, seen, remaining, seed, max_chars)
+        if limit and len(all_rows) + len(rows) > limit:
+            counts.skipped += len(all_rows) + len(rows) - limit
+            rows = rows[: limit - len(all_rows)]
+        all_rows += rows
+        all_counts.append(counts)
+        report.extend(problems)
+        if limit and len(all_rows) >= limit:
+            break
+    raise_or_log_problems(report, flag, args)
+    for source, counts in zip(sources, all_counts, strict=False):
+        if counts.read - counts.invalid - counts.skipped <= 0:
+            raise DataError(f"{flag}: {source.label} holds no valid record.")
+    return all_rows, all_counts
+
+
+def load_raw_datasets(
+    args: DataArguments, seed: int, max_chars: int | None = None
+) -> tuple[Dataset, Dataset | None, dict]:
+    """Validated train (and eval) records before tokenization, mixed as --data_mixing says, and each source's counts
+    ({"train": [...], "eval": [...]})."""
+    train_sources = args.sources("train")
+    rows, train_counts = read_sources(train_sources, "--train_data", args, seed, args.max_num_samples, max_chars)
+    counts = {"train": [c.as_dict() for c in train_counts], "eval": []}
+    train, evaluation = Dataset.from_list(rows), None
     if args.eval_data != NO_EVAL_DATA:
-        return train, Dataset.from_list(read_records(args.eval_data, "--eval_data", args, max_chars=max_chars))
-    if not args.eval_size:
-        return train, None
+        eval_rows, eval_counts = read_sources(args.sources("eval"), "--eval_data", args, seed, max_chars=max_chars)
+        evaluation, counts["eval"] = Dataset.from_list(eval_rows), [c.as_dict() for c in eval_counts]
+    elif args.eval_size:
+        train, evaluation = split_off_eval(train, args, seed)
+    return mix_train(train, train_sources, args, seed), evaluation, counts
+
+
+def split_off_eval(train: Dataset, args: DataArguments, seed: int) -> tuple[Dataset, Dataset]:
+    """--eval_size records held out of the training data, before mixing, so no repeat of a held-out record trains."""
     test_size = args.eval_size if args.eval_size < 1 else int(args.eval_size)
     if len(train) < 2 or (test_size >= 1 and test_size >= len(train)):
         raise DataError(
@@ -462,6 +641,31 @@ def load_raw_datasets(args: DataArguments, seed: int, max_chars: int | None = No
         )
     split = train.train_test_split(test_size=test_size, seed=seed)
     return split["train"], split["test"]
+
+
+def mix_train(train: Dataset, sources: list[DataSource], args: DataArguments, seed: int) -> Dataset:
+    """--data_mixing weighted: each source's share of --data_mix_size records follows its weight, records drawn
+    without replacement up to the source's size and repeated beyond it, the mixture shuffled; concat keeps all."""
+    if args.data_mixing == "concat":
+        return train
+    source_ids = np.array(train["source_id"])
+    members = [np.flatnonzero(source_ids == index) for index in range(len(sources))]
+    target = args.data_mix_size or len(train)
+    quotas = weighted_quotas([source.weight for source in sources], target)
+    rng = np.random.default_rng(seed)
+    for source, rows, quota in zip(sources, members, quotas, strict=True):
+        if quota and not len(rows):
+            raise DataError(
+                f"--data_mixing weighted: {source.label} has no training record left after --eval_size; lower "
+                "--eval_size or give the evaluation data with --eval_data."
+            )
+    positions = mixture_positions([len(rows) for rows in members], quotas, rng)
+    chosen = [rows[picked] for rows, picked in zip(members, positions, strict=True)]
+    for source, rows, quota in zip(sources, members, quotas, strict=True):
+        if quota > len(rows):
+            logger.info("--data_mixing weighted: %s repeated %.2fx (%d of %d records).", source.label,
+                        quota / len(rows), quota, len(rows))  # fmt: skip
+    return train.select(rng.permutation(np.concatenate(chosen)))
 
 
 def apply_chat_template_option(tokenizer: PreTrainedTokenizerBase, args: DataArguments) -> None:
@@ -572,8 +776,11 @@ def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args:
             tokenize_batch,
             batched=True,
             num_proc=tokenizing_processes(args, len(dataset)),
-            fn_kwargs={"tokenizer": tokenizer, "train_on_prompt": args.train_on_prompt,
-                       "template_kwargs": template_kwargs},  # fmt: skip
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "train_on_prompt": args.train_on_prompt,
+                "template_kwargs": template_kwargs,
+            },  # fmt: skip
             remove_columns=dataset.column_names,
             desc="Tokenizing",
         )
@@ -680,30 +887,75 @@ def prepare_datasets(
     raw_eval: Dataset | None,
     max_length: int,
 ) -> tuple[Dataset, Dataset | None]:
-    """Tokenize and apply the length policy; columns input_ids, labels, source, length and num_trained."""
+    """Tokenize and apply the length policy; columns input_ids, labels, source, source_id, length and num_trained."""
     prepared = []
     for split, raw in (("train", raw_train), ("eval", raw_eval)):
         if raw is None:
             prepared.append(None)
             continue
-        prepared.append(apply_length_policy(tokenize_dataset(raw, tokenizer, args, split), args, max_length, split))
+        tokenized = tokenize_dataset(raw, tokenizer, args, split)
+        if "source_id" not in tokenized.column_names:
+            tokenized = tokenized.add_column("source_id", aligned_source_ids(raw, tokenized))
+        prepared.append(apply_length_policy(tokenized, args, max_length, split))
     return prepared[0], prepared[1]
+
+
+def aligned_source_ids(raw: Dataset, tokenized: Dataset) -> list[int]:
+    """The source_id of each tokenized sample. Tokenizing maps records to samples in order, possibly leaving out
+    records it cannot render (with --skip_invalid_samples): walk both in order, matching on the `source` location."""
+    if "source_id" not in raw.column_names:
+        return [0] * len(tokenized)
+    if len(tokenized) == len(raw):
+        return raw["source_id"]
+    raw_rows = iter(zip(raw["source"], raw["source_id"], strict=True))
+    ids = []
+    for location in tokenized["source"]:
+        ids.append(next(source_id for raw_location, source_id in raw_rows if raw_location == location))
+    return ids
+
+
+def describe_prepared(train: Dataset, tokenizer: PreTrainedTokenizerBase, counts: dict) -> None:
+    """What a cached copy must bring back: the chat template (the default may have been set while tokenizing) and
+    each source's counts."""
+    train.info.description = json.dumps({"chat_template": tokenizer.chat_template, "source_counts": counts})
+
+
+def source_summary(train: Dataset, evaluation: Dataset | None) -> dict[str, list[dict]]:
+    """Per source of --train_data (and of --eval_data): records read, invalid, skipped, kept, held out for
+    evaluation, and trained tokens."""
+    counts = json.loads(train.info.description or "{}").get("source_counts")
+    if not counts:
+        return {}
+    eval_ids = evaluation["source_id"] if evaluation is not None else []
+    held_out = [] if counts["eval"] else eval_ids  # --eval_size: evaluation records come from the train sources
+    summary = {"train": summary_rows(counts["train"], train["source_id"], train["num_trained"], held_out)}
+    if counts["eval"]:
+        summary["eval"] = summary_rows(counts["eval"], eval_ids, evaluation["num_trained"], [])
+    return summary
+
+
+def log_source_summary(summary: dict[str, list[dict]]) -> None:
+    for split, rows in summary.items():
+        logger.info("%s", summary_table(rows, f"--{split}_data"))
 
 
 # Cache of prepared datasets
 
 CACHE_KEY_OPTIONS = ("train_data", "eval_data", "eval_size", "data_format", "default_system_message",
                      "chat_template_kwargs", "skip_invalid_samples", "dedup", "max_num_samples", "train_on_prompt",
-                     "long_sequence_strategy")  # fmt: skip
+                     "long_sequence_strategy", "data_mixing", "data_mix_size")  # fmt: skip
 
 
 def prepared_cache_key(args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int) -> str:
     """Changes with the data content, the tokenizer and its template, the data options and this module's code."""
-    sources = [fingerprint_source(args.train_data)]
-    if args.eval_data != NO_EVAL_DATA:
-        sources.append(fingerprint_source(args.eval_data))
+    splits = ("train", "eval") if args.eval_data != NO_EVAL_DATA else ("train",)
+    sources = [
+        [source.canonical(), [fingerprint_source(spec, source.name) for spec in source_specs(source)]]
+        for split in splits
+        for source in args.sources(split)
+    ]
     options = {key: value for key, value in asdict(args).items() if key in CACHE_KEY_OPTIONS}
-    code = inspect.getsource(sys.modules[__name__]) + inspect.getsource(chat_masks)
+    code = inspect.getsource(sys.modules[__name__]) + inspect.getsource(chat_masks) + inspect.getsource(data_mixing)
     parts = [sources, options, max_length, seed, Hasher.hash(tokenizer), tokenizer.chat_template, code]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
@@ -722,21 +974,21 @@ def load_prepared_datasets(
         if "chat_template" in train.info.description:
             tokenizer.chat_template = json.loads(train.info.description)["chat_template"]
     else:
-        raw_train, raw_eval = load_raw_datasets(args, seed, max_record_chars(tokenizer, max_length))
+        raw_train, raw_eval, counts = load_raw_datasets(args, seed, max_record_chars(tokenizer, max_length))
         train, evaluation = prepare_datasets(args, tokenizer, raw_train, raw_eval, max_length)
+        describe_prepared(train, tokenizer, counts)
         if cache is not None:
-            save_to_cache(cache, tokenizer, train, evaluation)
+            save_to_cache(cache, train, evaluation)
     for split, dataset in (("train", train), ("eval", evaluation)):
         if dataset is not None:
             log_length_summary(dataset, split)
+    log_source_summary(source_summary(train, evaluation))
     return train, evaluation
 
 
-def save_to_cache(cache: Path, tokenizer: PreTrainedTokenizerBase, train: Dataset, evaluation: Dataset | None) -> None:
+def save_to_cache(cache: Path, train: Dataset, evaluation: Dataset | None) -> None:
     """Written beside the final place, then renamed: a concurrent or killed run never sees half a cache entry."""
     temporary = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    # The default chat template may have been set while tokenizing; a cache hit must restore it.
-    train.info.description = json.dumps({"chat_template": tokenizer.chat_template})
     save_prepared(temporary, train, evaluation)
     try:
         os.replace(temporary, cache)
@@ -768,12 +1020,26 @@ def marked_text(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], labels
     return "".join(pieces)
 
 
+def preview_indices(dataset: Dataset) -> list[int]:
+    """The first samples, then the first sample of every source not among them."""
+    indices = list(range(min(PREVIEW_SAMPLES, len(dataset))))
+    source_ids = dataset["source_id"] if "source_id" in dataset.column_names else []
+    shown = {source_ids[index] for index in indices} if source_ids else set()
+    for index, source_id in enumerate(source_ids):
+        if source_id not in shown:
+            indices.append(index)
+            shown.add(source_id)
+    return indices
+
+
 def write_preview(path: Path, tokenizer: PreTrainedTokenizerBase, dataset: Dataset) -> None:
+    indices = preview_indices(dataset)
     lines = [
-        f"The first {min(PREVIEW_SAMPLES, len(dataset))} training samples as the model sees them. Tokens that carry "
-        f"loss are between {TRAINED_SPAN[0]} and {TRAINED_SPAN[1]}; everything else is context only.\n"
+        f"The first {min(PREVIEW_SAMPLES, len(dataset))} training samples as the model sees them (then the first "
+        f"of every other data source). Tokens that carry loss are between {TRAINED_SPAN[0]} and {TRAINED_SPAN[1]}; "
+        "everything else is context only.\n"
     ]
-    for row in dataset.select(range(min(PREVIEW_SAMPLES, len(dataset)))):
+    for row in dataset.select(indices):
         lines.append(f"===== {row['source']} ({len(row['input_ids'])} tokens) =====")
         lines.append(marked_text(tokenizer, row["input_ids"], row["labels"]) + "\n")
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -42,6 +42,7 @@ DOWNLOAD_STAGING = ".tracker-download"
 # until one succeeds, so a tracker that went away costs training no time.
 RETRY_DELAYS = (2.0, 8.0)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
+SOURCE_COUNTS = ("read", "invalid", "skipped", "kept", "eval", "trained_tokens")
 DEFAULT_MLFLOW_EXPERIMENT = "llm-finetune"
 # TrainingArguments worth seeing next to a run; the script's own options are always logged.
 TRAINING_PARAMS = (
@@ -414,6 +415,20 @@ def finish_run(tracker: Tracker, status: str) -> None:
         )  # fmt: skip
 
 
+def log_data_sources(tracker: Tracker | None, summary: dict[str, list[dict]]) -> None:
+    """One param per data source, e.g. data_train_source_0: 'chat.jsonl: read 100, invalid 0, skipped 0, kept 90,
+    eval 10, trained_tokens 4321' (see data_utils.source_summary)."""
+    params = {
+        f"data_{split}_source_{index}": mask_secrets(
+            f"{row['label']}: " + ", ".join(f"{key} {row[key]}" for key in SOURCE_COUNTS)
+        )[:MAX_PARAM_LENGTH]
+        for split, rows in summary.items()
+        for index, row in enumerate(rows)
+    }
+    if tracker is not None and params:
+        run_with_retries(tracker, "logging the data sources", lambda: tracker.log_params(params), retry=False)
+
+
 # Resume from the tracker
 
 
@@ -634,7 +649,14 @@ def method_name(lora_args) -> str:
 def final_metrics(log_history: list[dict]) -> dict[str, float]:
     """The last value of each headline metric in the Trainer's log history."""
     wanted = (
-        "loss", "eval_loss", "eval_accuracy", "train_loss", "train_runtime", "train_tokens_per_second", "epoch", "step"
+        "loss",
+        "eval_loss",
+        "eval_accuracy",
+        "train_loss",
+        "train_runtime",
+        "train_tokens_per_second",
+        "epoch",
+        "step",
     )
     found = {}
     for entry in log_history:

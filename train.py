@@ -26,6 +26,7 @@ DeepSpeed ZeRO-3 (scripts/deepspeed_zero3_full.sh; configs in deepspeed_configs/
 """
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ from checkpoint_utils import (
     remove_intermediate_checkpoints,
     resolve_resume_checkpoint,
 )
-from config_files import ConfigFileError, expand_command_line, last_value
+from config_files import ConfigFileError, config_file_argument, expand_command_line, last_value, raise_parse_error
 from data_utils import (
     NO_EVAL_DATA,
     DataArguments,
@@ -70,6 +71,7 @@ from data_utils import (
     load_prepared_datasets,
     pack_datasets,
     resolve_max_length,
+    source_summary,
     training_columns,
     write_prepared_data,
 )
@@ -99,6 +101,7 @@ from redaction import SecretMaskingFilter, mask_secrets, register_secret_options
 from tracking import (
     TrackingError,
     attach_tracker,
+    log_data_sources,
     log_packing_efficiency,
     report_run,
     restore_checkpoint_from_tracker,
@@ -282,6 +285,9 @@ def parse_args() -> tuple:
     Evaluation defaults to off when there is no evaluation data, unless the user asked for it."""
     parser = HfArgumentParser(ARGUMENT_GROUPS)
     arguments = expand_command_line(sys.argv[1:], ARGUMENT_GROUPS)
+    config_file = config_file_argument(sys.argv[1:])
+    if config_file:  # a problem in the file: one message naming it, not the usage text
+        parser.error = functools.partial(raise_parse_error, config_file)
     try:
         groups = parser.parse_args_into_dataclasses(args=arguments, look_for_args_file=True)
         data_args, training_args = groups[1], groups[-1]
@@ -291,7 +297,11 @@ def parse_args() -> tuple:
             groups = parser.parse_args_into_dataclasses(
                 args=[*arguments, "--eval_strategy", "no"], look_for_args_file=True
             )
-    except ValueError as error:  # raised by a __post_init__ (ours or transformers'): a message, not a traceback
+    except (ValueError, DataError) as error:  # raised by a __post_init__ (ours or transformers'): a message
+        if config_file:
+            raise ConfigFileError(f"{config_file}: {error}") from None
+        if isinstance(error, DataError):
+            raise
         raise ArgumentError(f"invalid options: {error}") from None
     return groups
 
@@ -480,6 +490,7 @@ def main() -> None:
         train_dataset, eval_dataset = load_prepared_datasets(
             data_args, tokenizer, max_length, training_args.data_seed or training_args.seed
         )
+    log_data_sources(tracker, source_summary(train_dataset, eval_dataset))
     if data_args.prepare_data_only:
         save_prepared_data(training_args, tokenizer, train_dataset, eval_dataset)
         return

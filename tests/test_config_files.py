@@ -3,16 +3,21 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_train
+from conftest import REPO, run_train, write_jsonl
+from datasets import Dataset, load_from_disk
 
 import train
 from config_files import ConfigFileError, expand_command_line, option_names, translate_config
+from data_utils import DataArguments, prepare_datasets, read_records
+from model_utils import ModelArguments, load_tokenizer
 
 KNOWN = option_names(train.ARGUMENT_GROUPS)
 # Flags other branches add; translation must target them once they exist.
@@ -113,13 +118,15 @@ def test_axolotl_translation_parses(monkeypatch, tmp_path):
     ("config", "expected"),
     [
         ({"datasets": [{"path": "org/data", "split": "validation", "type": "sharegpt"}]},
-         {"--train_data": "org/data:validation", "--data_format": "sharegpt", "--eval_size": "0",
-          "--eval_strategy": "no"}),
+         {"--train_data": '[{"path":"org/data","split":"validation"}]', "--data_format": "sharegpt",
+          "--eval_size": "0", "--eval_strategy": "no"}),
         ({"datasets": [{"path": "org/data", "data_files": "train.jsonl", "type": "chat_template",
                         "field_messages": "conversations"}], "test_datasets": [{"path": "eval.jsonl"}],
           "evals_per_epoch": 4, "num_epochs": 1},
-         {"--train_data": "hf://datasets/org/data/train.jsonl", "--eval_data": "eval.jsonl", "--data_format": "auto",
-          "--eval_strategy": "steps", "--eval_steps": "0.25", "--num_train_epochs": "1"}),
+         {"--train_data": '[{"path":"org/data","data_files":["train.jsonl"],"format":"chat",'
+                          '"fields":{"messages":"conversations"},"roles":{"human":"user","gpt":"assistant"}}]',
+          "--eval_data": "eval.jsonl", "--eval_strategy": "steps", "--eval_steps": "0.25",
+          "--num_train_epochs": "1"}),
         ({"datasets": [{"path": "t.jsonl", "type": "completion"}], "evals_per_epoch": 2, "eval_steps": 5},
          {"--train_data": "t.jsonl", "--data_format": "text", "--eval_size": "0", "--eval_strategy": "no"}),
         ({"base_model": "m", "adapter": "lora", "load_in_8bit": True, "lora_target_linear": True,
@@ -140,12 +147,11 @@ def test_axolotl_data_and_schedule(config, expected):
 def test_axolotl_keys_without_equivalent_are_listed():
     config = {"base_model": "m", "datasets": [{"path": "a"}, {"path": "b"}], "chat_template": "chatml",
               "unfrozen_parameters": ["x"], "gptq": False, "rl": None, "sample_packing": True}  # fmt: skip
-    untranslated = translate_config(config, KNOWN - LATER_FLAGS).untranslated
-    assert [reason.split()[0] for reason in untranslated] == [
-        "datasets", "chat_template", "unfrozen_parameters:", "sample_packing:"
-    ]  # fmt: skip
-    assert "put the files in one directory" in untranslated[0]
-    assert "--sample_packing is not available" in untranslated[3]  # a flag this version does not have
+    translation = translate_config(config, KNOWN - LATER_FLAGS)
+    assert [reason.split()[0] for reason in translation.untranslated] == ["unfrozen_parameters:", "sample_packing:"]
+    assert "--sample_packing is not available" in translation.untranslated[1]  # a flag this version does not have
+    assert [reason.split()[0] for reason in translation.refused] == ["chat_template"]  # changes the data: stops
+    assert flags(translation.tokens)["--train_data"] == '[{"path":"a"},{"path":"b"}]'
 
 
 def test_unknown_keys_warn_once_and_strict_stops(tmp_path, caplog):
@@ -238,7 +244,10 @@ def example_ok(example: str, tiny_llama, output_dir, *flags: str):
 def test_example_axolotl_qlora_trains(tiny_llama, tmp_path):
     _, args = example_ok("axolotl_qlora_tiny.yaml", tiny_llama, tmp_path / "out", "--report_to", "none")
     assert args["use_qlora"] is True and args["qlora_bit_length"] == 4 and args["lora_target_modules"] == "auto"
-    assert args["eval_data"] == "sample_data/chat_eval.jsonl" and args["max_length"] == 128
+    assert json.loads(args["eval_data"]) == [{"path": "sample_data/chat_eval.jsonl",
+                                              "roles": {"human": "user", "gpt": "assistant"}}]  # fmt: skip
+    assert args["data_format"] == "chat"
+    assert args["max_length"] == 128
     assert args["per_device_train_batch_size"] == 8 and args["learning_rate"] == 0.005
 
 
@@ -264,3 +273,182 @@ def test_example_job_body_trains_without_leaking_credentials(tiny_llama, tmp_pat
     for secret in (PLANTED_HF_TOKEN, PLANTED_WANDB_KEY):
         assert secret not in result.stdout + result.stderr
         assert secret.encode() not in written
+
+
+# Real Axolotl configs (tests/fixtures/axolotl, verbatim; SOURCES.md says where each came from), with their datasets
+# pointed at local files of the right shape and base_model at the tiny model.
+
+AXOLOTL_FIXTURES = REPO / "tests" / "fixtures" / "axolotl"
+# What each cannot honour here: the start of every reason it stops with (nothing: it reads all of its data).
+FIXTURE_REFUSALS = {
+    "code-llama_7b_lora.yml": [],
+    "llama-3_lora-1b.yml": [],
+    "llama-3_instruct-lora-8b.yml": ["chat_template 'llama3'"],
+    "gemma3_gemma-3-1b-qlora.yml": ["chat_template 'gemma3'"],
+    "qwen3_32b-qlora.yaml": ["chat_template 'qwen3'"],
+    "phi_phi3-ft.yml": ["datasets[0] (PATH): type 'alpaca:phi'", "chat_template 'phi_3'"],
+    "tiny-llama_pretrain.yml": ["pretraining_dataset: streamed pretraining datasets are not read here"],
+}
+
+
+def local_records(entry: dict, count: int = 12) -> list[dict]:
+    """Records of the shape an Axolotl dataset entry describes."""
+    if entry.get("type") == "chat_template":
+        mapping = {"role": "role", "content": "content", **(entry.get("message_property_mappings") or {})}
+        names = {"user": "human", "assistant": "gpt"} if mapping["role"] == "from" else {}
+        turns = [("user", "What is {i} + {i}?"), ("assistant", "{i} + {i} = {d}"), ("user", "Thanks"),
+                 ("assistant", "Glad to help.")]  # fmt: skip
+        return [{entry.get("field_messages", "messages"): [
+            {mapping["role"]: names.get(role, role), mapping["content"]: text.format(i=i, d=2 * i)}
+            for role, text in turns]} for i in range(count)]  # fmt: skip
+    if entry.get("type") in (None, "pretrain", "completion"):
+        return [{"text": f"Record {i} of a plain text corpus."} for i in range(count)]
+    return [{"instruction": "Double the number.", "input": str(i), "output": str(2 * i)} for i in range(count)]
+
+
+def localized_fixture(name: str, tmp_path, tiny_llama, **changes) -> tuple[Path, dict]:
+    """The fixture with local data files and the tiny model, written to tmp_path (the original stays verbatim)."""
+    config = yaml.safe_load((AXOLOTL_FIXTURES / name).read_text())
+    config.update(base_model=str(tiny_llama), output_dir=str(tmp_path / "out"), **changes)
+    if config.get("dataset_prepared_path"):  # a relative cache path would land in the repository
+        config["dataset_prepared_path"] = str(tmp_path / "prepared-cache")
+    for key in ("datasets", "test_datasets", "pretraining_dataset"):
+        for index, entry in enumerate(config.get(key) or []):
+            entry["path"] = str(write_jsonl(tmp_path / f"{key}{index}.jsonl", local_records(entry)))
+            entry.pop("name", None) if key != "pretraining_dataset" else None
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path, config
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_REFUSALS))
+def test_axolotl_fixtures_translate_or_name_what_they_cannot_honour(name, tmp_path, tiny_llama):
+    path, config = localized_fixture(name, tmp_path, tiny_llama)
+    translation = translate_config(config, KNOWN)
+    expected = [reason.replace("PATH", str(tmp_path / "datasets0.jsonl")) for reason in FIXTURE_REFUSALS[name]]
+    assert len(translation.refused) == len(expected)
+    for reason, start in zip(translation.refused, expected, strict=True):
+        assert reason.startswith(start), reason
+    if expected:
+        with pytest.raises(ConfigFileError) as error:
+            expand_command_line([str(path)], train.ARGUMENT_GROUPS)
+        assert str(error.value).startswith(f"{path}: {len(expected)} data key(s) cannot be honoured")
+        return
+    tokens = flags(translation.tokens)  # every entry became a source: nothing dropped
+    sources = json.loads(tokens["--train_data"]) if tokens["--train_data"].startswith("[") else [tokens["--train_data"]]
+    assert len(sources) == len(config["datasets"]) and tokens["--data_format"] == "alpaca"
+
+
+def test_axolotl_chat_template_fixture_prepares_exact_masks(tiny_llama, tmp_path):
+    """gemma-3's config (sharegpt-style conversations read through message_property_mappings), with the named
+    template replaced by the tokenizer's: the prepared samples equal those of the same chats in our own shape."""
+    path, config = localized_fixture("gemma3_gemma-3-1b-qlora.yml", tmp_path, tiny_llama,
+                                     chat_template="tokenizer_default")  # fmt: skip
+    result = run_train(str(path), "--prepare_data_only", "true", "--max_length", "128", "--tf32", "false")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "no equivalent" not in result.stdout + result.stderr
+    prepared = load_from_disk(str(tmp_path / "out" / "prepared" / "train"))
+    native = [{"messages": [{"role": {"human": "user", "gpt": "assistant"}[m["from"]], "content": m["value"]}
+                            for m in record["conversations"]]}
+              for record in local_records(config["datasets"][0])]  # fmt: skip
+    args = DataArguments(train_data=str(write_jsonl(tmp_path / "native.jsonl", native)), eval_size=0)
+    tokenizer = load_tokenizer(ModelArguments(model_id=str(tiny_llama)))
+    reference = prepare_datasets(args, tokenizer, Dataset.from_list(read_records(args.train_data, "-", args)), None,
+                                 128)[0]  # fmt: skip
+    assert prepared["input_ids"] == reference["input_ids"] and prepared["labels"] == reference["labels"]
+    assert "--train_data sources: read / invalid / skipped / kept" in result.stdout + result.stderr
+
+
+def test_axolotl_fixture_trains_end_to_end(tiny_llama, tmp_path):
+    """llama-3's LoRA example on local alpaca records: trains (a few steps), every record accounted for."""
+    path, _ = localized_fixture("llama-3_lora-1b.yml", tmp_path, tiny_llama)
+    # CPU stand-ins for what needs a GPU, and a loss watchdog for an untrained tiny model (loss ~6.3, the file
+    # stops above 5); the data options stay as the file says.
+    result = run_train(str(path), "--optim", "adamw_torch", "--use_flash_attention", "false", "--max_length", "128",
+                       "--report_to", "none", "--loss_watchdog_threshold", "100", *FEW_STEPS)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    out = result.stdout + result.stderr
+    assert "datasets0.jsonl: 12 / 0 / 0 / 10 / 2 /" in out  # read / invalid / skipped / kept / eval (val_set_size)
+    assert (tmp_path / "out" / "adapter").is_dir()
+
+
+def test_config_file_problems_never_print_the_usage(monkeypatch, tmp_path, capsys):
+    """Two datasets, one training roles Axolotl's default does not; a file with no data at all; a bad value: one
+    message naming the file and the key, exit 2, no argparse usage text, nothing created."""
+    two = write_yaml(tmp_path / "two.yaml", {"base_model": "m", "datasets": [
+        {"path": "a.jsonl", "type": "alpaca"},
+        {"path": "b.jsonl", "type": "chat_template", "roles_to_train": ["user", "assistant"], "train_on_eos": "all",
+         "drop_system_message": True}]})  # fmt: skip
+    command = [sys.executable, str(REPO / "train.py"), two, "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and two in output, output[-3000:]
+    assert "datasets[1] (b.jsonl): drop_system_message: no equivalent here; roles_to_train ['user', 'assistant']" in (
+        output
+    )
+    assert "; train_on_eos 'all': the end-of-turn token" in output
+    assert "usage:" not in output and "Traceback" not in output and not (tmp_path / "out").exists()
+    # the same path in process: parse errors of a config-file run raise ConfigFileError, argparse prints nothing
+    empty = write_yaml(tmp_path / "empty.yaml", {"base_model": "m", "learning_rate": 0.1})
+    bad_value = write_yaml(tmp_path / "bad.yaml", {"base_model": "m", "datasets": ["a.jsonl"], "lora_r": "many"})
+    bad_source = write_yaml(tmp_path / "own.yaml", {"model_id": "m", "train_data": [{"path": "d.jsonl", "wieght": 2}]})
+    for config, message in (
+        (empty, "no training data: add datasets (Axolotl) or train_data"),
+        (bad_value, "argument --lora_r/--lora-r: invalid int value: 'many'"),
+        (bad_source, "--train_data source 1 (d.jsonl): unknown option(s) wieght"),
+    ):
+        with pytest.raises(ConfigFileError, match="^" + re.escape(f"{config}: {message}")):
+            parse(monkeypatch, config)
+        assert capsys.readouterr().err == ""
+
+
+def test_axolotl_datasets_become_one_source_each():
+    config = {
+        "base_model": "m", "chat_template": "tokenizer_default", "chat_template_kwargs": {"enable_thinking": False},
+        "datasets": [
+            {"path": "org/alpaca", "type": "alpaca", "name": "en", "split": "train[:10%]", "shards": 4,
+             "shards_idx": 2},
+            {"path": "chats/", "type": "chat_template", "data_files": ["a.jsonl", "b.jsonl"], "ds_type": "json",
+             "field_messages": "conversations", "message_field_role": "from", "message_field_content": "value",
+             "roles": {"user": ["human"], "assistant": ["gpt", "bot"]}, "roles_to_train": ["assistant"],
+             "train_on_eos": "turn", "chat_template": "tokenizer_default"},
+            {"path": "corpus.parquet", "type": "completion", "field": "body", "ds_type": "parquet"},
+        ],
+        "test_datasets": [{"path": "eval.jsonl", "type": "chat_template"}],
+    }  # fmt: skip
+    translation = translate_config(config, KNOWN)
+    assert translation.refused == [] and translation.untranslated == []
+    tokens = flags(translation.tokens)
+    kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
+    assert json.loads(tokens["--train_data"]) == [
+        {"path": "org/alpaca", "split": "train[:10%]", "name": "en", "shards": 4, "shard_index": 2,
+         "format": "alpaca", **kwargs},
+        {"path": "chats/", "data_files": ["a.jsonl", "b.jsonl"], "format": "chat",
+         "fields": {"messages": "conversations"}, "message_fields": {"role": "from", "content": "value"},
+         "roles": {"human": "user", "gpt": "assistant", "bot": "assistant"}, **kwargs},
+        {"path": "corpus.parquet", "format": "text", "fields": {"text": "body"}, **kwargs},
+    ]  # fmt: skip
+    assert json.loads(tokens["--eval_data"]) == [
+        {"path": "eval.jsonl", "format": "chat", "roles": {"human": "user", "gpt": "assistant"}, **kwargs}
+    ]
+    assert "--data_format" not in tokens  # the shapes differ: each source carries its own
+    assert [s.path for s in DataArguments(train_data=tokens["--train_data"]).sources("train")] == [
+        "org/alpaca", "chats/", "corpus.parquet"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ({"path": "d", "type": "input_output"}, "type 'input_output': supported types are alpaca, sharegpt"),
+        ({"path": "d", "type": "chat_template", "chat_template": "chatml"}, "chat_template 'chatml': every source is"),
+        ({"path": "d", "ds_type": "csv"}, "ds_type 'csv': only JSON / JSON Lines and Parquet files are read"),
+        ({"path": "d", "split": "test", "data_files": "x.jsonl"}, "split 'test' with data_files"),
+        ({"path": "d", "type": "alpaca", "field_messages": "m"}, "field_messages apply to type: chat_template only"),
+        ({"path": "d", "type": "chat_template", "train_on_eos": "last"}, "train_on_eos 'last': the end-of-turn"),
+        ({"path": "d", "revision": "abc"}, "revision: no equivalent here"),
+    ],
+)
+def test_axolotl_entries_that_cannot_be_honoured(entry, reason):
+    translation = translate_config({"base_model": "m", "datasets": ["ok.jsonl", entry]}, KNOWN)
+    [refused] = translation.refused
+    assert refused.startswith("datasets[1] (d): ") and reason in refused, refused

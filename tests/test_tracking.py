@@ -189,6 +189,11 @@ def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(
     for split in ("train", "eval"):  # the efficiency that the start-up log reports
         logged = re.search(rf"Packing {split}: .* packing efficiency ([\d.]+)%", output).group(1)
         assert f"{100 * float(params[f'{split}_packing_efficiency']):.1f}" == logged
+    counts = re.search(r"\[0\] (.+): (\d+) / (\d+) / (\d+) / (\d+) / (\d+) / (\d+)\n", output)  # per-source summary
+    assert params["data_train_source_0"] == (
+        f"{counts[1]}: read {counts[2]}, invalid {counts[3]}, skipped {counts[4]}, kept {counts[5]}, eval {counts[6]}, "
+        f"trained_tokens {counts[7]}"
+    )
     files = [(first / name).read_text() for name in ("run_args.json", "README.md")]
     assert_no_secret(json.dumps(params), json.dumps(run.data.tags), output, *files)
     assert json.loads((first / "run_args.json").read_text())["hub_token"] == MASK
