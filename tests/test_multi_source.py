@@ -316,3 +316,26 @@ def test_eval_sources_summary_and_preview_of_every_source(tokenizer, tmp_path, t
     headers = [line for line in (tmp_path / "preview.txt").read_text().splitlines() if line.startswith("=====")]
     assert [header.split()[1].rsplit("/", 1)[1] for header in headers] == [
         "chat.jsonl:1", "chat.jsonl:2", "chat.jsonl:3", "chat.jsonl:4", "chat.jsonl:5", "alpaca.jsonl:1"]  # fmt: skip
+
+
+def test_chat_template_kwargs_apply_to_their_source_only(tiny_llama, tmp_path):
+    """A source's chat_template_kwargs reach its renders only (chat_masks merges the row's over the run's)."""
+    tokenizer = load_tokenizer(ModelArguments(model_id=str(tiny_llama)))
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + (tag if tag is defined and m['role'] == 'user'"
+        " else '') + m['content'] + eos_token + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    first = write_jsonl(tmp_path / "first.jsonl", CHATS[:2])
+    second = write_jsonl(tmp_path / "second.jsonl", CHATS[:2])
+    chat = {key: CHAT_SOURCE[key] for key in ("format", "fields", "message_fields", "roles")}
+    sources = [
+        {"path": str(first), **chat, "chat_template_kwargs": {"tag": "[tagged] "}},
+        {"path": str(second), **chat},
+    ]
+    train_set, _ = load_prepared_datasets(data_args(sources), tokenizer, 256, seed=1)
+    texts = [tokenizer.decode(ids) for ids in train_set["input_ids"]]
+    assert [text.count("[tagged] ") for text in texts] == [2, 2, 0, 0]  # both user turns of the first source's chats
+    assert [trained_text(tokenizer, row) for row in train_set.select([0, 1])] == [
+        trained_text(tokenizer, row) for row in train_set.select([2, 3])
+    ]
