@@ -776,11 +776,8 @@ def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args:
             tokenize_batch,
             batched=True,
             num_proc=tokenizing_processes(args, len(dataset)),
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "train_on_prompt": args.train_on_prompt,
-                "template_kwargs": template_kwargs,
-            },  # fmt: skip
+            fn_kwargs={"tokenizer": tokenizer, "train_on_prompt": args.train_on_prompt,
+                       "template_kwargs": template_kwargs},  # fmt: skip
             remove_columns=dataset.column_names,
             desc="Tokenizing",
         )

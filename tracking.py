@@ -649,14 +649,7 @@ def method_name(lora_args) -> str:
 def final_metrics(log_history: list[dict]) -> dict[str, float]:
     """The last value of each headline metric in the Trainer's log history."""
     wanted = (
-        "loss",
-        "eval_loss",
-        "eval_accuracy",
-        "train_loss",
-        "train_runtime",
-        "train_tokens_per_second",
-        "epoch",
-        "step",
+        "loss", "eval_loss", "eval_accuracy", "train_loss", "train_runtime", "train_tokens_per_second", "epoch", "step"
     )
     found = {}
     for entry in log_history:
