@@ -28,7 +28,9 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -289,15 +291,6 @@ def trained_tokens(encoding, span: Span) -> range:
     return range(first, last + 1)
 
 
-def labels_from_spans(encoding, spans: list[Span]) -> list[int]:
-    ids = encoding.ids
-    labels = [IGNORE_INDEX] * len(ids)
-    for span in spans:
-        tokens = trained_tokens(encoding, span)
-        labels[tokens.start : tokens.stop] = ids[tokens.start : tokens.stop]
-    return labels
-
-
 def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list:
     """A tokenizers Encoding (ids, offsets) per text, no special tokens added (templates write BOS themselves). The
     Rust tokenizer is called directly; the Python wrapper must agree with it on the first texts (the same check
@@ -312,12 +305,34 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list:
     return encodings
 
 
-def masked_samples(
+@dataclass(frozen=True)
+class TokenizedBatch:
+    """The samples of a batch end to end, as numpy arrays (no per-token Python objects, which the garbage collector
+    would scan again and again): sample i is input_ids[starts[i] : starts[i] + lengths[i]], and the same for labels."""
+
+    lengths: np.ndarray
+    input_ids: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.cumsum(self.lengths) - self.lengths
+
+
+def masked_batch(
     tokenizer: PreTrainedTokenizerBase, samples: list[tuple[str, list[Span]]], train_on_prompt: bool
-) -> list[tuple[list[int], list[int]]]:
-    """Tokenize every (text, trained spans) pair in one call; (input_ids, labels) per sample."""
+) -> TokenizedBatch:
+    """Tokenize every (text, trained spans) pair in one call and label the tokens the spans cover."""
     encodings = encode_batch(tokenizer, [text for text, _ in samples])
-    return [
-        (encoding.ids, list(encoding.ids) if train_on_prompt else labels_from_spans(encoding, spans))
-        for encoding, (_, spans) in zip(encodings, samples, strict=True)
-    ]
+    ids = [encoding.ids for encoding in encodings]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    input_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    del ids
+    if train_on_prompt:
+        return TokenizedBatch(lengths, input_ids, input_ids.copy())
+    trained = np.zeros(len(input_ids), dtype=bool)
+    for start, encoding, (_, spans) in zip(np.cumsum(lengths) - lengths, encodings, samples, strict=True):
+        for span in spans:
+            tokens = trained_tokens(encoding, span)
+            trained[start + tokens.start : start + tokens.stop] = True
+    return TokenizedBatch(lengths, input_ids, np.where(trained, input_ids, IGNORE_INDEX))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 from datasets import Dataset, load_from_disk
 from datasets.fingerprint import Hasher
 from huggingface_hub.constants import HF_HOME
@@ -33,7 +34,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 import chat_masks
 import data_mixing
-from chat_masks import ChatMaskError, chat_text_and_spans, masked_samples
+from chat_masks import ChatMaskError, TokenizedBatch, chat_text_and_spans, masked_batch
 from data_mixing import (
     MIXING_STRATEGIES,
     RECORD_FORMATS,
@@ -728,7 +729,7 @@ def token_ids_problem(input_ids: list[int], vocab_size: int) -> str | None:
 
 def tokenize_batch(
     batch: dict, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool, template_kwargs: dict
-) -> dict:
+) -> pa.Table:
     """Render every record, tokenize the whole batch in one call, and label the trained spans. A record that cannot
     be rendered or masked gets a `problem` (reported, or dropped with --skip_invalid_samples) and no tokens."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
@@ -745,17 +746,39 @@ def tokenize_batch(
                 problem = str(error)
         samples.append(sample)
         problems.append(problem)
-    encoded = iter(masked_samples(tokenizer, samples, train_on_prompt))
-    output = {"input_ids": [], "labels": [], "source": [row["source"] for row in rows], "problem": problems}
-    for row, problem in zip(rows, problems, strict=True):
-        input_ids, labels = next(encoded)
-        if row["kind"] == "tokenized":
-            input_ids, labels = row["input_ids"], row["labels"]
-        if problem:
-            input_ids, labels = [], []
-        output["input_ids"].append(input_ids)
-        output["labels"].append(labels)
-    return {**output, **length_columns(output["labels"])}
+    tokenized = masked_batch(tokenizer, samples, train_on_prompt)
+    if any(row["kind"] == "tokenized" and not problem for row, problem in zip(rows, problems, strict=True)):
+        tokenized = with_pretokenized(tokenized, rows, problems)
+    return token_table(tokenized, [row["source"] for row in rows], problems)
+
+
+def with_pretokenized(tokenized: TokenizedBatch, rows: list[dict], problems: list[str | None]) -> TokenizedBatch:
+    """The batch with the valid pre-tokenized records' own input_ids and labels in their (empty) places."""
+    ids, labels = [], []
+    for row, problem, start, length in zip(rows, problems, tokenized.starts, tokenized.lengths, strict=True):
+        if row["kind"] == "tokenized" and not problem:
+            ids.append(np.asarray(row["input_ids"], dtype=np.int64))
+            labels.append(np.asarray(row["labels"], dtype=np.int64))
+        else:
+            ids.append(tokenized.input_ids[start : start + length])
+            labels.append(tokenized.labels[start : start + length])
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return TokenizedBatch(lengths, np.concatenate(ids), np.concatenate(labels))
+
+
+def token_table(tokenized: TokenizedBatch, sources: list[str], problems: list[str | None]) -> pa.Table:
+    """The map output as Arrow columns built from the flat arrays (no per-token Python lists)."""
+    ends = np.cumsum(tokenized.lengths)
+    offsets = pa.array(np.concatenate([[0], ends]), type=pa.int32())
+    trained_through = np.concatenate([[0], np.cumsum(tokenized.labels != IGNORE_INDEX)])
+    return pa.table({
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(tokenized.input_ids, type=pa.int64())),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(tokenized.labels, type=pa.int64())),
+        "source": pa.array(sources, type=pa.string()),
+        "problem": pa.array(problems, type=pa.string()),
+        "length": pa.array(tokenized.lengths, type=pa.int64()),
+        "num_trained": pa.array(trained_through[ends] - trained_through[ends - tokenized.lengths], type=pa.int64()),
+    })  # fmt: skip
 
 
 def length_columns(labels: list[list[int]]) -> dict:
@@ -786,9 +809,14 @@ def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args:
     return without_unmaskable(tokenized, args, split)
 
 
+def column_values(dataset: Dataset, name: str) -> np.ndarray:
+    """A column as one numpy array through Arrow (indexing a Dataset column builds a Python object per row)."""
+    return dataset.with_format("arrow")[name].to_numpy()
+
+
 def without_unmaskable(dataset: Dataset, args: DataArguments, split: str) -> Dataset:
     """Records the template cannot render or mask: reported like every invalid record, or dropped when asked."""
-    flagged = [index for index, problem in enumerate(dataset["problem"]) if problem]
+    flagged = [index for index, problem in enumerate(column_values(dataset, "problem")) if problem]
     dataset = dataset.remove_columns("problem") if not flagged else dataset
     if not flagged:
         return dataset
@@ -819,7 +847,7 @@ def tokenizing_processes(args: DataArguments, num_records: int) -> int | None:
 
 
 def apply_length_policy(dataset: Dataset, args: DataArguments, max_length: int, split: str) -> Dataset:
-    lengths = np.array(dataset["length"])
+    lengths = column_values(dataset, "length")
     too_long = np.flatnonzero(lengths > max_length)
     if len(too_long) and args.long_sequence_strategy == "error":
         longest = int(too_long[np.argmax(lengths[too_long])])
@@ -847,7 +875,7 @@ def truncate_batch(batch: dict, max_length: int) -> dict:
 
 def drop_untrained(dataset: Dataset, split: str) -> Dataset:
     """A sample whose labels are all masked (e.g. truncated before the answer) adds no loss, only compute."""
-    trained = np.array(dataset["num_trained"]) > 0
+    trained = column_values(dataset, "num_trained") > 0
     kept = dataset.select(np.flatnonzero(trained)) if not trained.all() else dataset
     if len(kept) < len(dataset):
         logger.warning("Dropping %d %s sample(s) with no trained tokens left.", len(dataset) - len(kept), split)
@@ -857,7 +885,7 @@ def drop_untrained(dataset: Dataset, split: str) -> Dataset:
 
 
 def log_length_summary(dataset: Dataset, split: str) -> None:
-    lengths, trained = np.array(dataset["length"]), int(np.sum(dataset["num_trained"]))
+    lengths, trained = column_values(dataset, "length"), int(np.sum(column_values(dataset, "num_trained")))
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
     logger.info(
         "%s: %d samples, tokens p50 %d / p90 %d / p99 %d / max %d, %d of %d tokens trained (%.1f%%).",
