@@ -125,6 +125,24 @@ def test_pretokenized_records_are_used_as_is(tokenizer, tmp_path):
         prepare(tokenizer, tmp_path, [{"input_ids": [len(tokenizer) + 5]}])
 
 
+def test_one_batch_of_every_shape_equals_each_record_prepared_alone(tokenizer, tmp_path):
+    """The batch is tokenized end to end in flat arrays: each row must be what that record gives on its own, with a
+    dropped record (token ids outside the vocabulary) and pre-tokenized records between the rendered ones."""
+    records = [CHAT, {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, ALPACA, {"input_ids": [len(tokenizer) + 5]},
+               TEXT, {"input_ids": [9, 10]}, SHAREGPT, PROMPT_COMPLETION]  # fmt: skip
+    folders = [tmp_path / str(index) for index in range(len(records))]
+    for folder in folders:
+        folder.mkdir()
+    batch = prepare(tokenizer, folders[0], records, skip_invalid_samples=True)
+    valid = [record for index, record in enumerate(records) if index != 3]
+    alone = [prepare(tokenizer, folder, [record])[0] for folder, record in zip(folders[1:], valid, strict=False)]
+    assert len(batch) == len(alone)
+    for row, reference in zip(batch, alone, strict=True):
+        assert {k: row[k] for k in ("input_ids", "labels", "length", "num_trained")} == {
+            k: reference[k] for k in ("input_ids", "labels", "length", "num_trained")
+        }
+
+
 def test_mixed_shapes_in_one_file(tokenizer, tmp_path):
     dataset = prepare(tokenizer, tmp_path, [CHAT, ALPACA, SHAREGPT, PROMPT_COMPLETION, TEXT])
     assert [row["source"].rsplit(":", 1)[1] for row in dataset] == ["1", "2", "3", "4", "5"]
