@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 from accelerate import PartialState
 from transformers import TrainerCallback
@@ -170,6 +171,10 @@ def ctrl_c_for_main_process_only():
         yield
     except BaseException:
         if interrupted:
+            # Workers started just before the interrupt may not belong to a pool that terminates them yet: stop
+            # them here, or they would outlive this process (and keep its output pipe open).
+            for child in psutil.Process().children(recursive=True):
+                child.terminate()
             raise KeyboardInterrupt from None
         raise
     finally:

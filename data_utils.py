@@ -794,11 +794,14 @@ def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args:
         logger.info("The tokenizer has no chat template; chats use the ChatML-style default (turns end with EOS).")
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     template_kwargs = parse_template_kwargs(args.chat_template_kwargs, "--chat_template_kwargs")
+    processes = tokenizing_processes(args, len(dataset))
+    # Says what runs when the progress bar is off (output to a file).
+    logger.info("Tokenizing %d %s record(s) in %d process(es).", len(dataset), split, processes or 1)
     try:
         tokenized = dataset.map(
             tokenize_batch,
             batched=True,
-            num_proc=tokenizing_processes(args, len(dataset)),
+            num_proc=processes,
             fn_kwargs={"tokenizer": tokenizer, "train_on_prompt": args.train_on_prompt,
                        "template_kwargs": template_kwargs},  # fmt: skip
             remove_columns=dataset.column_names,
