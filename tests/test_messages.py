@@ -14,7 +14,7 @@ from model_utils import ModelArguments, ModelLoadError, load_model_config, looks
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # loopback, discard port: refused at once, nothing leaves the machine
 
 
-@pytest.mark.parametrize("model_id", ["models/no-such-model", "./no-such-model", "/no/such/model", "a/b/c"])
+@pytest.mark.parametrize("model_id", ["sample_data/no-such-model", "./no-such-model", "/no/such/model", "a/b/c"])
 def test_a_missing_local_directory_fails_at_once(model_id):
     started = time.perf_counter()
     with pytest.raises(ModelLoadError, match="no such directory"):
@@ -40,7 +40,7 @@ def test_an_unreachable_hub_is_reported_within_seconds(monkeypatch):
 
 @pytest.mark.parametrize(
     ("model_id", "message"),
-    [("models/no-such-model", "no such directory"), ("some-org/not-cached", "cannot reach the Hugging Face Hub")],
+    [("sample_data/no-such-model", "no such directory"), ("some-org/not-cached", "cannot reach the Hugging Face Hub")],
 )
 def test_train_py_exits_2_without_a_traceback(tmp_path, model_id, message):
     """`python train.py`: accelerate launch turns every failure into exit code 1."""
