@@ -53,6 +53,17 @@ def silence_run_warnings(uses_deepspeed: bool) -> None:
         drop_log_records(*DEEPSPEED_CPU_NOTICE)
 
 
+def quiet_run(uses_deepspeed: bool) -> None:
+    """The run's filters, and plain log lines instead of progress bars when output goes to a file."""
+    import datasets
+    import transformers
+
+    silence_run_warnings(uses_deepspeed)
+    if not output_is_terminal():
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
 def output_is_terminal() -> bool:
     """Progress bars redraw with carriage returns: readable on a terminal, debris in a log file."""
     return sys.stderr.isatty()

@@ -319,10 +319,7 @@ def setup_logging(training_args: TrainingArguments) -> None:
             handler.addFilter(SecretMaskingFilter())
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
-    quiet.silence_run_warnings(uses_deepspeed=bool(training_args.deepspeed))
-    if not quiet.output_is_terminal():
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+    quiet.quiet_run(uses_deepspeed=bool(training_args.deepspeed))
 
 
 def has_eval_data(data_args: DataArguments) -> bool:

@@ -16,9 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import quiet  # noqa: E402  (first: bitsandbytes warns while the libraries below are imported)
 
 # isort: split
-import datasets  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from data_utils import DataArguments, prepare_datasets, read_records  # noqa: E402
@@ -41,10 +39,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    quiet.silence_run_warnings(uses_deepspeed=False)
-    if not quiet.output_is_terminal():
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+    quiet.quiet_run(uses_deepspeed=False)
     model, tokenizer = load_for_generation(args.model_dir, None, torch.float32, None, trust_remote_code=False)
     data_args = DataArguments(train_data=args.data, eval_size=0)
     raw = Dataset.from_list(read_records(args.data, "--data", data_args))

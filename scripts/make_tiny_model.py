@@ -30,7 +30,6 @@ import quiet  # noqa: E402  (first: bitsandbytes warns while the libraries below
 
 # isort: split
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -270,9 +269,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    quiet.silence_run_warnings(uses_deepspeed=False)
-    if not quiet.output_is_terminal():
-        transformers.utils.logging.disable_progress_bar()
+    quiet.quiet_run(uses_deepspeed=False)
     build(args)
     state = f"pretrained for {args.pretrain_steps} steps" if args.pretrain_steps else "random weights"
     print(f"Tiny {args.architecture} model ({state}) with a {args.chat_template} chat template written to "
