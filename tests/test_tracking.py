@@ -21,7 +21,8 @@ from conftest import REPO, launch_command, run_train
 from mlflow import MlflowClient
 
 from redaction import MASK, mask_secrets
-from tracking import TrackingError, TrueFoundryTracker, tracking_problems
+from tracking import TRAINING_PARAMS, TrackingError, TrueFoundryTracker, tracking_problems
+from transformers import TrainingArguments
 
 SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
 FAKE_TRUEFOUNDRY = REPO / "tests" / "fake_truefoundry"
@@ -185,7 +186,8 @@ def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(
     params = run.data.params
     assert params["learning_rate"] == "0.003" and params["model_id"] == str(tiny_llama) and params["max_steps"] == "6"
     assert params["run_name"] == f"https://user:{MASK}@example.com/run" and "hub_token" not in params
-    assert len(params) < 100  # not all of TrainingArguments
+    untracked = set(TrainingArguments.__dataclass_fields__) - set(TRAINING_PARAMS)  # e.g. ddp_timeout
+    assert not untracked & set(params)  # the curated hyperparameters, not all of TrainingArguments
     for split in ("train", "eval"):  # the efficiency that the start-up log reports
         logged = re.search(rf"Packing {split}: .* packing efficiency ([\d.]+)%", output).group(1)
         assert f"{100 * float(params[f'{split}_packing_efficiency']):.1f}" == logged
@@ -355,8 +357,9 @@ def test_truefoundry_run_is_tracked_and_resumes_from_the_ml_repo(tiny_llama, tmp
     output = train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(first),
                       "--max_steps", "6", *flags, *FAST, *SECRET_FLAGS, env=env)  # fmt: skip
     assert [c["run_name"] for c in fake_calls(store, "MlFoundry.create_run")] == ["tfy-job"]
-    [params] = [c["param_dict"] for c in fake_calls(store, "MlFoundryRun.log_params")]
-    assert params["learning_rate"] == "0.003" and params["mlfoundry_ml_repo"] == "my-repo"
+    options, sources = [c["param_dict"] for c in fake_calls(store, "MlFoundryRun.log_params")]  # at start, after data
+    assert options["learning_rate"] == "0.003" and options["mlfoundry_ml_repo"] == "my-repo"
+    assert list(sources) == ["data_train_source_0"]
     assert_no_secret((store / "calls.jsonl").read_text(), output)
     metric_calls = fake_calls(store, "MlFoundryRun.log_metrics")
     assert [c["step"] for c in metric_calls if "loss" in c["metric_dict"]] == [1, 2, 3, 4, 5, 6]
