@@ -802,8 +802,11 @@ def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args:
             tokenize_batch,
             batched=True,
             num_proc=processes,
-            fn_kwargs={"tokenizer": tokenizer, "train_on_prompt": args.train_on_prompt,
-                       "template_kwargs": template_kwargs},  # fmt: skip
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "train_on_prompt": args.train_on_prompt,
+                "template_kwargs": template_kwargs,
+            },  # fmt: skip
             remove_columns=dataset.column_names,
             desc="Tokenizing",
         )

@@ -392,9 +392,7 @@ def log_packing_efficiency(tracker: Tracker | None, **splits) -> None:
     """Params train_packing_efficiency / eval_packing_efficiency (real tokens / tokens computed) of the packed
     splits."""
     params = {
-        f"{name}_packing_efficiency": f"{rows_efficiency(rows):.4f}"
-        for name, rows in splits.items()
-        if is_packed(rows)
+        f"{name}_packing_efficiency": f"{rows_efficiency(rows):.4f}" for name, rows in splits.items() if is_packed(rows)
     }
     if tracker is not None and params:
         run_with_retries(tracker, "logging the packing efficiency", lambda: tracker.log_params(params), retry=False)
@@ -649,7 +647,14 @@ def method_name(lora_args) -> str:
 def final_metrics(log_history: list[dict]) -> dict[str, float]:
     """The last value of each headline metric in the Trainer's log history."""
     wanted = (
-        "loss", "eval_loss", "eval_accuracy", "train_loss", "train_runtime", "train_tokens_per_second", "epoch", "step"
+        "loss",
+        "eval_loss",
+        "eval_accuracy",
+        "train_loss",
+        "train_runtime",
+        "train_tokens_per_second",
+        "epoch",
+        "step",
     )
     found = {}
     for entry in log_history:

@@ -422,7 +422,15 @@ def trainer_copy_of_arguments(training_args: FinetuneTrainingArguments) -> Finet
 
 
 def build_trainer(
-    model, tokenizer, training_args, data_args, train_rows, eval_rows, eval_dataset, max_length, callbacks,
+    model,
+    tokenizer,
+    training_args,
+    data_args,
+    train_rows,
+    eval_rows,
+    eval_dataset,
+    max_length,
+    callbacks,
     flattened=False,
 ) -> Trainer:
     """The Trainer on the (packed) rows; eval_dataset, the unpacked evaluation samples, feeds eval_accuracy."""

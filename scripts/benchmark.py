@@ -50,8 +50,10 @@ def available_backends() -> list[str]:
 
     from packing import varlen_available
 
-    return ["sdpa", "eager"] + (["varlen"] if varlen_available() else []) + (
-        ["flash_attention_2"] if is_flash_attn_2_available() else []
+    return (
+        ["sdpa", "eager"]
+        + (["varlen"] if varlen_available() else [])
+        + (["flash_attention_2"] if is_flash_attn_2_available() else [])
     )
 
 

@@ -107,9 +107,10 @@ def test_no_eval_data_turns_the_default_evaluation_off(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), str(config)])
     model, data, lora, tracking, training = train.parse_args()
     assert training.eval_strategy == "steps"
-    assert "--eval_strategy needs evaluation data" in train.find_argument_problems(
-        model, data, lora, tracking, training
-    )[0]
+    assert (
+        "--eval_strategy needs evaluation data"
+        in train.find_argument_problems(model, data, lora, tracking, training)[0]
+    )
 
 
 def test_deepspeed_config_must_exist(monkeypatch):

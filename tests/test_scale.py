@@ -98,15 +98,18 @@ def test_two_machines_train_as_one_run(tiny_llama, tmp_path, single_process_loss
     """Two `accelerate launch --num_machines 2` on 127.0.0.1, one process each: machine 0 hosts the rendezvous."""
     out, port = tmp_path / "two-machines", free_port()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+    def machine_command(rank: int) -> list[str]:
+        launch = ["--quiet", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                  "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
+                  "--dynamo_backend", "no"]  # fmt: skip
+        train = ["--model_id", str(tiny_llama), "--output_dir", str(out), *FAST, *TWO_PROCESSES, "--use_ddp", "true"]
+        return [sys.executable, "-m", "accelerate.commands.launch", *launch, str(REPO / "train.py"), *train]
+
     machines = [
         subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--multi_gpu", "--num_machines", "2",
-             "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-             "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-             str(REPO / "train.py"), "--model_id", str(tiny_llama), "--output_dir", str(out), *FAST,
-             *TWO_PROCESSES, "--use_ddp", "true"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-        )  # fmt: skip
+            machine_command(rank), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
+        )
         for rank in (0, 1)
     ]
     outputs = [machine.communicate(timeout=600)[0] for machine in machines]

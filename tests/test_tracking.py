@@ -19,10 +19,10 @@ from types import SimpleNamespace
 import pytest
 from conftest import REPO, launch_command, run_train
 from mlflow import MlflowClient
+from transformers import TrainingArguments
 
 from redaction import MASK, mask_secrets
 from tracking import TRAINING_PARAMS, TrackingError, TrueFoundryTracker, tracking_problems
-from transformers import TrainingArguments
 
 SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
 FAKE_TRUEFOUNDRY = REPO / "tests" / "fake_truefoundry"
