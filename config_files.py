@@ -1,8 +1,8 @@
-"""Config files for train.py: `train.py config.yaml [--flags]` or `train.py job.json [--flags]`.
+"""Config files for train.py: `train.py config.yaml [--flags]`, `train.py --config job.json [--flags]`.
 
-A config file is turned into command-line tokens placed between train.args and the command line, so train.args
-supplies the defaults, the file overrides them and flags on the command line override the file; HfArgumentParser
-then types and validates every value as if it had been typed.
+A config file is read into a mapping and translated, mapping to mapping, into our options' values; options.py hands
+them to the parser as defaults, so train.args supplies the defaults, the file overrides them and flags on the command
+line override the file, and HfArgumentParser types every value as if it had been typed.
 
 Three kinds of file are understood:
   our own options     {"model_id": ..., "train_data": ..., "use_qlora": true, ...}  (YAML or JSON)
@@ -21,7 +21,6 @@ translated on the command line too.
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,14 +28,15 @@ from typing import Any
 
 import yaml
 
-from data_mixing import source_entries
-from data_utils import NO_EVAL_DATA
+from data_mixing import NO_EVAL_DATA, source_entries
 
 logger = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # RunPod job credentials and the environment variables the libraries read them from.
+CONFIG_FLAG = "--config"
 CREDENTIAL_ENVIRONMENT = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY"}
+WANDB_ENVIRONMENT = {"wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY", "wandb_name": "WANDB_NAME"}
 JOB_METADATA_KEYS = ("user_id", "model_id", "run_id")
 CHAT_TEMPLATE_TYPE = "chat_template"
 # Keys that decide what the model trains on: one that cannot be honoured always stops the run (with or without
@@ -65,7 +65,8 @@ class Untranslatable(Exception):
 
 @dataclass
 class Translation:
-    tokens: list[str] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)  # option name -> value, as the parser's defaults
+    environment: dict[str, str] = field(default_factory=dict)  # set for the run once the options parse
     untranslated: list[str] = field(default_factory=list)  # "key: why" for every key with no equivalent
     refused: list[str] = field(default_factory=list)  # "key: why" for data keys that cannot be honoured: always stop
 
@@ -98,70 +99,78 @@ def token(value: Any) -> str:
     return str(value)
 
 
-def option(name: str) -> Callable[[Any, dict], list[str]]:
-    return lambda value, config: [f"--{name}", token(value)]
+Values = dict[str, str]  # what one key translates to: option name -> value as it would be typed on the command line
+Translator = Callable[[Any, dict], Values]
 
 
-def bool_option(name: str) -> Callable[[Any, dict], list[str]]:
-    return lambda value, config: [f"--{name}", token(as_bool(value, name))]
+def option(name: str) -> Translator:
+    return lambda value, config: {name: token(value)}
+
+
+def bool_option(name: str) -> Translator:
+    return lambda value, config: {name: token(as_bool(value, name))}
+
+
+def nothing(value: Any, config: dict) -> Values:
+    return {}
 
 
 # Axolotl keys -> our flags
 
 
-def translate_adapter(value: Any, config: dict) -> list[str]:
+def translate_adapter(value: Any, config: dict) -> Values:
     adapter = str(value or "").lower()
     if adapter in ("", "none", "full"):
-        return ["--use_lora", "false", "--use_qlora", "false"]
+        return {"use_lora": "false", "use_qlora": "false"}
     if adapter == "qlora" or (adapter == "lora" and (config.get("load_in_4bit") or config.get("load_in_8bit"))):
         bits = "8" if config.get("load_in_8bit") and not config.get("load_in_4bit") else "4"
-        return ["--use_qlora", "true", "--qlora_bit_length", bits]
+        return {"use_qlora": "true", "qlora_bit_length": bits}
     if adapter == "lora":
-        return ["--use_lora", "true"]
+        return {"use_lora": "true"}
     raise Untranslatable(f"adapter {value!r}: only lora and qlora are supported")
 
 
-def translate_quantization(value: Any, config: dict) -> list[str]:
+def translate_quantization(value: Any, config: dict) -> Values:
     """load_in_4bit / load_in_8bit: read together with `adapter`, which decides LoRA vs QLoRA."""
     if as_bool(value, "load_in_4bit / load_in_8bit") and not config.get("adapter"):
         raise Untranslatable("quantized full fine-tuning is not supported; set adapter: qlora (or lora)")
-    return []
+    return {}
 
 
-def translate_target_modules(value: Any, config: dict) -> list[str]:
+def translate_target_modules(value: Any, config: dict) -> Values:
     if config.get("lora_target_linear"):
-        return []  # lora_target_linear already targets every linear layer
+        return {}  # lora_target_linear already targets every linear layer
     modules = [value] if isinstance(value, str) else value
-    return ["--lora_target_modules", json.dumps(list(modules))]
+    return {"lora_target_modules": json.dumps(list(modules))}
 
 
-def translate_target_linear(value: Any, config: dict) -> list[str]:
-    return ["--lora_target_modules", "auto"] if as_bool(value, "lora_target_linear") else []
+def translate_target_linear(value: Any, config: dict) -> Values:
+    return {"lora_target_modules": "auto"} if as_bool(value, "lora_target_linear") else {}
 
 
-def translate_bf16(value: Any, config: dict) -> list[str]:
+def translate_bf16(value: Any, config: dict) -> Values:
     if str(value).lower() == "auto":
         import torch
 
         value = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return ["--bf16", token(as_bool(value, "bf16"))]
+    return {"bf16": token(as_bool(value, "bf16"))}
 
 
-def translate_sdp_attention(value: Any, config: dict) -> list[str]:
+def translate_sdp_attention(value: Any, config: dict) -> Values:
     if as_bool(value, "sdp_attention"):
-        return []  # SDPA is what this script uses unless flash attention is asked for
+        return {}  # SDPA is what this script uses unless flash attention is asked for
     raise Untranslatable("turning SDPA off (eager attention) is not supported")
 
 
-def translate_chat_template(value: Any, config: dict) -> list[str]:
+def translate_chat_template(value: Any, config: dict) -> Values:
     if value in TOKENIZER_TEMPLATES:
-        return []
+        return {}
     if value == "jinja":
         if not config.get("chat_template_jinja"):
             raise Untranslatable("chat_template: jinja needs chat_template_jinja")
-        return ["--chat_template", config["chat_template_jinja"]]
+        return {"chat_template": config["chat_template_jinja"]}
     if "{" in str(value) or Path(str(value)).expanduser().is_file():
-        return ["--chat_template", str(value)]
+        return {"chat_template": str(value)}
     raise Untranslatable(
         f"chat_template {value!r}: named templates are not built in; give the template text with "
         "chat_template: jinja and chat_template_jinja, or use the tokenizer's (tokenizer_default)"
@@ -182,92 +191,83 @@ def per_epoch_steps(key: str, value: Any, config: dict) -> str:
     return repr(1 / per_run)  # save_steps / eval_steps below 1 are a fraction of the total steps
 
 
-def translate_saves_per_epoch(value: Any, config: dict) -> list[str]:
+def translate_saves_per_epoch(value: Any, config: dict) -> Values:
     steps = per_epoch_steps("saves_per_epoch", value, config)
     if steps == "epoch":
-        return ["--save_strategy", "epoch"]
-    return ["--save_strategy", "steps", "--save_steps", steps]
+        return {"save_strategy": "epoch"}
+    return {"save_strategy": "steps", "save_steps": steps}
 
 
 def has_eval_data(config: dict) -> bool:
     return bool(config.get("test_datasets")) or float(config.get("val_set_size") or 0) > 0
 
 
-def translate_evals_per_epoch(value: Any, config: dict) -> list[str]:
+def translate_evals_per_epoch(value: Any, config: dict) -> Values:
     if not has_eval_data(config):
-        return []  # no evaluation data: Axolotl evaluates nothing either (see translate_eval_data)
+        return {}  # no evaluation data: Axolotl evaluates nothing either (see translate_data)
     steps = per_epoch_steps("evals_per_epoch", value, config)
     if steps == "epoch":
-        return ["--eval_strategy", "epoch"]
-    return ["--eval_strategy", "steps", "--eval_steps", steps]
+        return {"eval_strategy": "epoch"}
+    return {"eval_strategy": "steps", "eval_steps": steps}
 
 
-def translate_eval_steps(value: Any, config: dict) -> list[str]:
-    return ["--eval_strategy", "steps", "--eval_steps", token(value)] if has_eval_data(config) else []
+def translate_eval_steps(value: Any, config: dict) -> Values:
+    return {"eval_strategy": "steps", "eval_steps": token(value)} if has_eval_data(config) else {}
 
 
-def translate_warmup_ratio(value: Any, config: dict) -> list[str]:
+def translate_warmup_ratio(value: Any, config: dict) -> Values:
     if not 0 <= float(value) < 1:
         raise ConfigFileError(f"warmup_ratio must be in [0, 1), got {value!r}.")
-    return ["--warmup_steps", token(value)]  # transformers 5 reads warmup_steps < 1 as a ratio
+    return {"warmup_steps": token(value)}  # transformers 5 reads warmup_steps < 1 as a ratio
 
 
-def translate_special_tokens(value: Any, config: dict) -> list[str]:
+def translate_special_tokens(value: Any, config: dict) -> Values:
     if not isinstance(value, dict):
         raise ConfigFileError(f"special_tokens must be a mapping like {{pad_token: '<pad>'}}, got {value!r}.")
-    return ["--special_tokens", json.dumps(value)]
+    return {"special_tokens": json.dumps(value)}
 
 
-def translate_wandb_project(value: Any, config: dict) -> list[str]:
-    os.environ["WANDB_PROJECT"] = str(value)
-    return [] if "report_to" in config else ["--report_to", "wandb"]
+def translate_wandb_project(value: Any, config: dict) -> Values:
+    return {} if "report_to" in config else {"report_to": "wandb"}  # WANDB_PROJECT: see WANDB_ENVIRONMENT
 
 
-def wandb_environment(variable: str) -> Callable[[Any, dict], list[str]]:
-    def translate(value: Any, config: dict) -> list[str]:
-        os.environ[variable] = str(value)
-        return []
-
-    return translate
+def translate_hub_model_id(value: Any, config: dict) -> Values:
+    return {"hub_model_id": str(value), "push_to_hub": "true"}
 
 
-def translate_hub_model_id(value: Any, config: dict) -> list[str]:
-    return ["--hub_model_id", str(value), "--push_to_hub", "true"]
-
-
-def translate_auto_resume(value: Any, config: dict) -> list[str]:
+def translate_auto_resume(value: Any, config: dict) -> Values:
     if config.get("resume_from_checkpoint"):
-        return []  # an explicit checkpoint wins, as in Axolotl
-    return ["--resume_from_checkpoint", "true"] if as_bool(value, "auto_resume_from_checkpoints") else []
+        return {}  # an explicit checkpoint wins, as in Axolotl
+    return {"resume_from_checkpoint": "true"} if as_bool(value, "auto_resume_from_checkpoints") else {}
 
 
-def translate_model_class(value: Any, config: dict) -> list[str]:
+def translate_model_class(value: Any, config: dict) -> Values:
     """model_type / tokenizer_type: this script always loads the Auto classes, which read the model's config."""
     if str(value).startswith("Auto") or str(value).endswith(("ForCausalLM", "Tokenizer", "TokenizerFast")):
-        return []
+        return {}
     raise Untranslatable(f"{value!r}: only causal LMs loaded with the Auto classes are supported")
 
 
-def translate_sequence_len(value: Any, config: dict) -> list[str]:
+def translate_sequence_len(value: Any, config: dict) -> Values:
     # Axolotl leaves longer samples out unless excess_length_strategy says otherwise; this script would stop.
     strategy = config.get("excess_length_strategy") or "drop"
-    return ["--max_length", token(value), "--long_sequence_strategy", str(strategy)]
+    return {"max_length": token(value), "long_sequence_strategy": str(strategy)}
 
 
-def translate_excess_length(value: Any, config: dict) -> list[str]:
-    return [] if config.get("sequence_len") else ["--long_sequence_strategy", str(value)]
+def translate_excess_length(value: Any, config: dict) -> Values:
+    return {} if config.get("sequence_len") else {"long_sequence_strategy": str(value)}
 
 
-def translate_data_path(flag: str) -> Callable[[Any, dict], list[str]]:
-    def translate(value: Any, config: dict) -> list[str]:
+def translate_data_path(name: str) -> Translator:
+    def translate(value: Any, config: dict) -> Values:
         text = str(value).strip()
-        return [flag, NO_EVAL_DATA if text.lower() in ("", "none", "null", "na") else text]
+        return {name: NO_EVAL_DATA if text.lower() in ("", "none", "null", "na") else text}
 
     return translate
 
 
-def translate_val_set_size(value: Any, config: dict) -> list[str]:
-    return ["--eval_size", token(value)]
+def translate_val_set_size(value: Any, config: dict) -> Values:
+    return {"eval_size": token(value)}
 
 
 # Axolotl `datasets` / `test_datasets` entries -> our sources (data_mixing.SOURCE_OPTIONS). A key that cannot be
@@ -278,7 +278,7 @@ def translate_data(config: dict, translation: Translation) -> None:
     """datasets / test_datasets / val_set_size: the data and the evaluation split, with Axolotl's defaults (no
     evaluation unless val_set_size > 0 or test_datasets is given)."""
     translated = {}
-    for key, flag in (("datasets", "--train_data"), ("test_datasets", "--eval_data")):
+    for key, flag in (("datasets", "train_data"), ("test_datasets", "eval_data")):
         if is_unset(config.get(key)):
             continue
         entries = config[key] if isinstance(config[key], list) else [config[key]]
@@ -288,27 +288,27 @@ def translate_data(config: dict, translation: Translation) -> None:
                 translated[flag].append(with_template_kwargs(axolotl_source(entry, config), config))
             except Untranslatable as reason:
                 translation.refused.append(f"{key}[{index}] ({entry_path(entry)}): {reason}")
-    translation.tokens += sources_tokens(translated)
+    translation.values.update(sources_values(translated))
     if not config.get("test_datasets"):
-        translation.tokens += ["--eval_size", token(config.get("val_set_size") or 0)]
+        translation.values["eval_size"] = token(config.get("val_set_size") or 0)
     if not has_eval_data(config):
-        translation.tokens += ["--eval_strategy", "no"]
+        translation.values["eval_strategy"] = "no"
 
 
-def sources_tokens(translated: dict[str, list[dict]]) -> list[str]:
+def sources_values(translated: dict[str, list[dict]]) -> Values:
     """--train_data / --eval_data values, and one --data_format when every source has the same record shape; a
     plain path for a lone source without options."""
     formats = {source.get("format", "auto") for sources in translated.values() for source in sources}
-    tokens = []
-    for flag, sources in translated.items():
+    values = {}
+    for name, sources in translated.items():
         if len(formats) == 1:
             sources = [{k: v for k, v in source.items() if k != "format"} for source in sources]
         path = sources[0]["path"] if len(sources) == 1 and set(sources[0]) == {"path"} else None
         if path and "," not in path and not path.startswith(("[", "{")):  # read back as one plain path
-            tokens += [flag, path]
+            values[name] = path
         else:
-            tokens += [flag, json.dumps(sources, separators=(",", ":"))]
-    return tokens + (["--data_format", formats.pop()] if len(formats) == 1 else [])
+            values[name] = json.dumps(sources, separators=(",", ":"))
+    return values | ({"data_format": formats.pop()} if len(formats) == 1 else {})
 
 
 def with_template_kwargs(source: dict, config: dict) -> dict:
@@ -449,21 +449,21 @@ def translate_trained_roles(entry: dict, config: dict) -> dict:
     return {}
 
 
-def translate_chat_template_kwargs(value: Any, config: dict) -> list[str]:
+def translate_chat_template_kwargs(value: Any, config: dict) -> Values:
     """Handled by translate_data: the variables go to every source (a source's own keys win)."""
     if not isinstance(value, dict):
         raise Untranslatable(f"chat_template_kwargs must be a mapping, got {value!r}")
-    return []
+    return {}
 
 
-def translate_pretraining_dataset(value: Any, config: dict) -> list[str]:
+def translate_pretraining_dataset(value: Any, config: dict) -> Values:
     raise Untranslatable(
         "pretraining_dataset: streamed pretraining datasets are not read here; list the text data under datasets "
         "with type: completion (it is read whole, so keep it to what fits on disk)"
     )
 
 
-AXOLOTL_TRANSLATIONS: dict[str, Callable[[Any, dict], list[str]]] = {
+AXOLOTL_TRANSLATIONS: dict[str, Translator] = {
     "base_model": option("model_id"),
     "model_type": translate_model_class,
     "tokenizer_type": translate_model_class,
@@ -495,7 +495,7 @@ AXOLOTL_TRANSLATIONS: dict[str, Callable[[Any, dict], list[str]]] = {
     "train_on_inputs": bool_option("train_on_prompt"),
     "special_tokens": translate_special_tokens,
     "chat_template": translate_chat_template,
-    "chat_template_jinja": lambda value, config: [],  # read with chat_template: jinja
+    "chat_template_jinja": nothing,  # read with chat_template: jinja
     "chat_template_kwargs": translate_chat_template_kwargs,
     "pretraining_dataset": translate_pretraining_dataset,
     "dataset_exact_deduplication": bool_option("dedup"),
@@ -508,13 +508,13 @@ AXOLOTL_TRANSLATIONS: dict[str, Callable[[Any, dict], list[str]]] = {
     "hub_model_id": translate_hub_model_id,
     "mlflow_experiment_name": option("mlflow_experiment_name"),
     "wandb_project": translate_wandb_project,
-    "wandb_entity": wandb_environment("WANDB_ENTITY"),
-    "wandb_name": wandb_environment("WANDB_NAME"),
+    "wandb_entity": nothing,  # WANDB_ENVIRONMENT
+    "wandb_name": nothing,
     "eval_max_new_tokens": option("sample_max_new_tokens"),
     # read by translate_data
-    "datasets": lambda value, config: [],
-    "test_datasets": lambda value, config: [],
-    "val_set_size": lambda value, config: [],
+    "datasets": nothing,
+    "test_datasets": nothing,
+    "val_set_size": nothing,
 }
 # Keys both dialects share with the same meaning pass through by name: learning_rate, gradient_accumulation_steps,
 # max_steps, warmup_steps, weight_decay, max_grad_norm, adam_beta1/2, adam_epsilon, fp16, tf32, output_dir,
@@ -533,8 +533,23 @@ def option_token(key: str, value: Any) -> str:
     return token(value)
 
 
+def translate_key(key: str, value: Any, config: dict, axolotl: bool, known_options: set[str]) -> Values:
+    if axolotl and key in AXOLOTL_TRANSLATIONS:
+        values = AXOLOTL_TRANSLATIONS[key](value, config)
+    elif key in known_options:
+        values = {key: option_token(key, value)}
+    elif is_unset(value):
+        return {}  # a feature this script does not have, turned off
+    else:
+        raise Untranslatable(f"{key}: no such option")
+    missing = [name for name in values if name not in known_options]
+    if missing:
+        raise Untranslatable(f"{key}: --{missing[0]} is not available in this version")
+    return values
+
+
 def translate_config(config: dict, known_options: set[str]) -> Translation:
-    """A mapping of options (ours or Axolotl's) as command-line tokens, plus the keys that have no equivalent."""
+    """A mapping of options (ours or Axolotl's) as our options' values, plus the keys that have no equivalent."""
     translation = Translation()
     axolotl = is_axolotl_config(config, known_options)
     if axolotl:
@@ -542,23 +557,13 @@ def translate_config(config: dict, known_options: set[str]) -> Translation:
     for key, value in config.items():
         if value is None or value == "":
             continue  # set to nothing: the default applies
+        if axolotl and key in WANDB_ENVIRONMENT:
+            translation.environment[WANDB_ENVIRONMENT[key]] = str(value)
         try:
-            if axolotl and key in AXOLOTL_TRANSLATIONS:
-                tokens = AXOLOTL_TRANSLATIONS[key](value, config)
-            elif key in known_options:
-                tokens = [f"--{key}", option_token(key, value)]
-            elif is_unset(value):
-                continue  # a feature this script does not have, turned off
-            else:
-                raise Untranslatable(f"{key}: no such option")
-            missing = [flag for flag in tokens[::2] if flag[2:] not in known_options]
-            if missing:
-                raise Untranslatable(f"{key}: {missing[0]} is not available in this version")
+            translation.values.update(translate_key(key, value, config, axolotl, known_options))
         except (Untranslatable, ConfigFileError) as reason:  # a value this script cannot take is listed like a key
             message = str(reason) if isinstance(reason, Untranslatable) else f"{key}: {reason}"
             (translation.refused if key in DATA_KEYS else translation.untranslated).append(message)
-            continue
-        translation.tokens += tokens
     return translation
 
 
@@ -578,8 +583,8 @@ def read_config_file(path: Path) -> dict:
     return config
 
 
-def unpack_job(config: dict, path: Path) -> dict:
-    """A RunPod-style job body: its credentials go to the environment; its `args` are the options."""
+def unpack_job(config: dict, path: Path) -> tuple[dict, dict[str, str]]:
+    """A RunPod-style job body: its `args` are the options; its credentials are returned as environment variables."""
     job = config["input"]
     if not isinstance(job, dict) or not isinstance(job.get("args"), dict):
         raise ConfigFileError(f'{path}: a job body needs {{"input": {{"args": {{...options...}}}}}}.')
@@ -587,22 +592,49 @@ def unpack_job(config: dict, path: Path) -> dict:
     if unknown:
         raise ConfigFileError(f"{path}: unknown keys in input: {', '.join(unknown)}.")
     credentials = job.get("credentials") or {}
+    environment = {}
     for name, value in credentials.items():
         if name not in CREDENTIAL_ENVIRONMENT:
             raise ConfigFileError(f"{path}: unknown credential {name!r}; expected {', '.join(CREDENTIAL_ENVIRONMENT)}.")
         if value:
-            os.environ[CREDENTIAL_ENVIRONMENT[name]] = str(value)
+            environment[CREDENTIAL_ENVIRONMENT[name]] = str(value)
     args = dict(job["args"])
     if job.get("run_id") and "run_name" not in args:
         args["run_name"] = str(job["run_id"])
-    return args
+    return args, environment
 
 
-def config_tokens(path: Path, known_options: set[str]) -> Translation:
-    config = read_config_file(path)
+def load_config_file(path: Path, known_options: set[str]) -> Translation:
+    """A config file's options as values for the parser, and the environment it sets.
+
+    Raises ConfigFileError for an unreadable file and for data keys that cannot be honoured; the keys with no
+    equivalent are left in `untranslated` for the caller (a warning, or an error with --strict true)."""
+    config, environment = read_config_file(path), {}
     if set(config) == {"input"}:
-        config = unpack_job(config, path)
-    return translate_config(config, known_options)
+        config, environment = unpack_job(config, path)
+    translation = translate_config(config, known_options)
+    translation.environment.update(environment)
+    if translation.refused:
+        listing = "\n  ".join(translation.refused)
+        raise ConfigFileError(
+            f"{path}: {len(translation.refused)} data key(s) cannot be honoured, so nothing was loaded "
+            f"(training without them would use other data than the file describes):\n  {listing}"
+        )
+    return translation
+
+
+def report_untranslated(path: Path, translation: Translation, strict: bool) -> None:
+    if not translation.untranslated:
+        return
+    listing = "\n  ".join(translation.untranslated)
+    if strict:
+        raise ConfigFileError(f"{path}: {len(translation.untranslated)} key(s) with no equivalent:\n  {listing}")
+    logger.warning(
+        "%s: %d key(s) have no equivalent here and are ignored (pass --strict true to stop instead):\n  %s",
+        path,
+        len(translation.untranslated),
+        listing,
+    )
 
 
 def flag_name(item: str) -> str | None:
@@ -622,15 +654,17 @@ def split_flag(tokens: list[str], index: int) -> tuple[str, str | None, int]:
 def translate_launcher_flag(name: str, value: str, names: set[str]) -> list[str]:
     try:
         if name == "train_data_uri":
-            return translate_data_path("--train_data")(value, {})
-        if name == "val_data_uri":
-            return translate_data_path("--eval_data")(value, {})
-        if name == "val_set_size":
+            values = translate_data_path("train_data")(value, {})
+        elif name == "val_data_uri":
+            values = translate_data_path("eval_data")(value, {})
+        elif name == "val_set_size":
             no_eval_data = float(value) == 0 and not names & {"val_data_uri", "eval_data"}
-            return translate_val_set_size(value, {}) + (["--eval_strategy", "no"] if no_eval_data else [])
-        return AXOLOTL_TRANSLATIONS[name](value, {})
+            values = translate_val_set_size(value, {}) | ({"eval_strategy": "no"} if no_eval_data else {})
+        else:
+            values = AXOLOTL_TRANSLATIONS[name](value, {})
     except (Untranslatable, ValueError) as error:
         raise ConfigFileError(f"--{name} {value}: {error}") from error
+    return [item for name, value in values.items() for item in (f"--{name}", value)]
 
 
 def translate_launcher_flags(tokens: list[str]) -> list[str]:
@@ -647,6 +681,15 @@ def translate_launcher_flags(tokens: list[str]) -> list[str]:
     return translated
 
 
+def flag_values(tokens: list[str]) -> dict[str, str]:
+    """`--name value` / `--name=value` tokens as {name: value}; a flag without a value means true."""
+    values, index = {}, 0
+    while index < len(tokens):
+        name, value, index = split_flag(tokens, index)
+        values[name] = "true" if value is None else value
+    return values
+
+
 def last_value(tokens: list[str], name: str) -> str | None:
     value, index = None, 0
     while index < len(tokens):
@@ -658,44 +701,22 @@ def last_value(tokens: list[str], name: str) -> str | None:
     return value
 
 
-def expand_command_line(arguments: list[str], argument_groups) -> list[str]:
-    """The command line with a leading config file expanded into flags, launcher flags translated, and repeated
-    --train_data / --eval_data flags of the command line joined into one list of sources.
-
-    Raises ConfigFileError for unreadable files, for data keys that cannot be honoured, and for other keys with no
-    equivalent when --strict is true (in the file or on the command line); otherwise those keys are listed in one
-    warning.
-    """
-    path = config_file_argument(arguments)
-    if path is None:
-        return join_repeated_sources(translate_launcher_flags(arguments))
-    translation = config_tokens(path, option_names(argument_groups))
-    command_line = join_repeated_sources(translate_launcher_flags(arguments[1:]))
-    tokens = translation.tokens + command_line
-    if translation.refused:
-        listing = "\n  ".join(translation.refused)
-        raise ConfigFileError(
-            f"{path}: {len(translation.refused)} data key(s) cannot be honoured, so nothing was loaded "
-            f"(training without them would use other data than the file describes):\n  {listing}"
-        )
-    if translation.untranslated:
-        listing = "\n  ".join(translation.untranslated)
-        if as_bool(last_value(tokens, "strict") or "false", "--strict"):
-            raise ConfigFileError(f"{path}: {len(translation.untranslated)} key(s) with no equivalent:\n  {listing}")
-        logger.warning(
-            "%s: %d key(s) have no equivalent here and are ignored (pass --strict true to stop instead):\n  %s",
-            path,
-            len(translation.untranslated),
-            listing,
-        )
-    return tokens
+def command_line_tokens(arguments: list[str]) -> list[str]:
+    """The command line with launcher flags translated, and repeated --train_data / --eval_data flags joined into one
+    list of sources."""
+    return join_repeated_sources(translate_launcher_flags(arguments))
 
 
-def config_file_argument(arguments: list[str]) -> Path | None:
-    """The config file given first on the command line, if any."""
-    if not arguments or arguments[0].startswith("-") or not arguments[0].lower().endswith(CONFIG_SUFFIXES):
-        return None
-    return Path(arguments[0]).expanduser()
+def split_config_file(arguments: list[str]) -> tuple[Path | None, list[str]]:
+    """The config file (given first, or as --config FILE) and the rest of the command line."""
+    if arguments and not arguments[0].startswith("-") and arguments[0].lower().endswith(CONFIG_SUFFIXES):
+        return Path(arguments[0]).expanduser(), arguments[1:]
+    for index, item in enumerate(arguments):
+        if item == CONFIG_FLAG and index + 1 < len(arguments):
+            return Path(arguments[index + 1]).expanduser(), arguments[:index] + arguments[index + 2 :]
+        if item.startswith(CONFIG_FLAG + "="):
+            return Path(item.partition("=")[2]).expanduser(), arguments[:index] + arguments[index + 1 :]
+    return None, arguments
 
 
 def join_repeated_sources(tokens: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 from data_sources import DataError, split_local_spec
 from redaction import mask_secrets
 
+NO_EVAL_DATA = "NA"  # --eval_data value: no evaluation sources
 RECORD_FORMATS = ("auto", "prompt_completion", "chat", "alpaca", "sharegpt", "text", "tokenized")
 MIXING_STRATEGIES = ("concat", "weighted")
 SOURCE_OPTIONS = {

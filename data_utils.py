@@ -21,27 +21,23 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset, load_from_disk
 from datasets.fingerprint import Hasher
-from huggingface_hub.constants import HF_HOME
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 import chat_masks
 import data_mixing
 from chat_masks import ChatMaskError, TokenizedBatch, chat_text_and_spans, masked_batch
 from data_mixing import (
-    MIXING_STRATEGIES,
-    RECORD_FORMATS,
     DataSource,
     SourceCounts,
     mixture_positions,
-    parse_sources,
     random_subset,
     selected_positions,
     subset_size,
@@ -50,11 +46,11 @@ from data_mixing import (
     weighted_quotas,
 )
 from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records
+from options import NO_EVAL_DATA, DataArguments
 from packing import IGNORE_INDEX, FlattenedCollator, PackedCollator, pack_dataset
 
 logger = logging.getLogger(__name__)
 
-NO_EVAL_DATA = "NA"
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 MAX_REPORTED_PROBLEMS = 20
@@ -68,151 +64,6 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 PREVIEW_SAMPLES = 5
 TRAINED_SPAN = ("[[", "]]")  # how preview.txt marks the tokens that carry loss
-
-
-@dataclass
-class DataArguments:
-    train_data: str = field(
-        metadata={
-            "help": "Training data: a .jsonl/.jsonl.gz/.json/.parquet file or a directory of them, an http(s):// or "
-            "s3://, gs://, ... URL, a Hugging Face dataset id or save_to_disk directory (append :split to pick a "
-            "split), or a TrueFoundry artifact version FQN. Several sources: repeat the flag, separate them with "
-            "commas, or give a JSON list; a JSON object gives one source options (format, fields, roles, split, "
-            'records, weight, ...), e.g. \'[{"path": "chat.jsonl", "weight": 3}, "alpaca.jsonl"]\'. See the README.'
-        }
-    )
-    eval_data: str = field(
-        default=NO_EVAL_DATA,
-        metadata={
-            "help": "Evaluation data in the same form as --train_data (several sources are concatenated). 'NA' splits "
-            "--eval_size off the train data."
-        },
-    )
-    eval_size: float = field(
-        default=0.1,
-        metadata={
-            "help": "Used when --eval_data is NA: a fraction (< 1) or a number of records (>= 1) split off the "
-            "training data, shuffled with --data_seed. 0 disables evaluation."
-        },
-    )
-    data_format: Literal[RECORD_FORMATS] = field(
-        default="auto",
-        metadata={
-            "help": "Record shape. 'auto' detects it per record from its keys; any other value is enforced. A source's "
-            "own 'format' option wins."
-        },
-    )
-    data_mixing: Literal[MIXING_STRATEGIES] = field(
-        default="concat",
-        metadata={
-            "help": "How several training sources make one dataset: 'concat' uses every record of each once; "
-            "'weighted' draws --data_mix_size records, each source's share in proportion to its 'weight' "
-            "(under-sampling without replacement, over-sampling by repeating), deterministic from --data_seed."
-        },
-    )
-    data_mix_size: int = field(
-        default=0,
-        metadata={"help": "Training records of a --data_mixing weighted mixture. 0: as many as the sources hold."},
-    )
-    chat_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Jinja chat template (the template itself or a file holding it) that replaces the tokenizer's. "
-            "A tokenizer without one gets a ChatML-style default whose turns end with EOS."
-        },
-    )
-    chat_template_kwargs: str | None = field(
-        default=None,
-        metadata={
-            "help": "Extra variables for every chat template render, as a JSON object, e.g. "
-            "'{\"enable_thinking\": false}' for Qwen3 without thinking. A data source's own chat_template_kwargs "
-            "win over these."
-        },
-    )
-    default_system_message: str | None = field(
-        default=None,
-        metadata={"help": "System message put first in every chat (alpaca, sharegpt included) that has none."},
-    )
-    skip_invalid_samples: bool = field(
-        default=False,
-        metadata={"help": "Drop invalid records (and report how many) instead of stopping with a report."},
-    )
-    dedup: bool = field(default=False, metadata={"help": "Drop exact duplicate records (the count is reported)."})
-    max_num_samples: int = field(
-        default=0, metadata={"help": "Use only the first N training records (before the eval split). 0 uses all."}
-    )
-    train_on_prompt: bool = field(
-        default=False,
-        metadata={"help": "Train on every non-pad token. By default only completions / assistant turns carry loss."},
-    )
-    max_length: int | None = field(
-        default=None,
-        metadata={"help": "Maximum tokens per sample. Default: the model's limit (tokenizer, then model config)."},
-    )
-    long_sequence_strategy: Literal["error", "truncate", "drop"] = field(
-        default="error",
-        metadata={
-            "help": "What to do with samples longer than --max_length: 'error' stops with a report, 'truncate' cuts "
-            "them (labels stay aligned), 'drop' leaves them out and reports how many."
-        },
-    )
-    pad_to_max_length: bool = field(
-        default=False,
-        metadata={
-            "help": "Pad every batch to --max_length (static shapes). By default batches pad to their longest sample."
-        },
-    )
-    pad_to_multiple_of: int | None = field(
-        default=8, metadata={"help": "Round padded batch lengths up to a multiple of this (8 suits GPU tensor cores)."}
-    )
-    sample_packing: bool = field(
-        default=False,
-        metadata={
-            "help": "Pack several samples into each row of at most --max_length tokens (first-fit decreasing), each "
-            "sample attending only to itself. Fewer padding tokens: faster training on data with short samples. "
-            "Steps per epoch count packed rows, so fewer steps cover the data; adjust --max_steps/--save_steps."
-        },
-    )
-    eval_sample_packing: bool = field(
-        default=True,
-        metadata={
-            "help": "With --sample_packing true, pack the evaluation data too (faster evaluation, same loss per "
-            "token). Set false to evaluate one sample per row."
-        },
-    )
-    prepare_data_only: bool = field(
-        default=False,
-        metadata={
-            "help": "Load, validate and tokenize the data, write <output_dir>/prepared/{train,eval,preview.txt}, "
-            "then exit without loading the model."
-        },
-    )
-    preprocessing_num_workers: int | None = field(
-        default=None,
-        metadata={"help": "Processes that tokenize. Default: every CPU core for large datasets, 1 for small ones."},
-    )
-    data_cache_dir: str = field(
-        default=os.path.join(HF_HOME, "llm-finetune", "prepared"),
-        metadata={
-            "help": "Where tokenized datasets are cached, keyed by data content, tokenizer, template and data "
-            "options; a rerun with the same inputs reuses them. 'none' disables the cache."
-        },
-    )
-
-    def __post_init__(self):
-        train = self.sources("train")  # a malformed source stops here, before anything is loaded
-        if self.eval_data != NO_EVAL_DATA and any(source.weight != 1 for source in self.sources("eval")):
-            raise DataError("--eval_data: evaluation sources are concatenated; 'weight' applies to --train_data.")
-        if self.data_mixing == "concat" and any(source.weight != 1 for source in train):
-            raise DataError("--train_data: a source has a 'weight', which only --data_mixing weighted uses.")
-        if self.data_mix_size and self.data_mixing != "weighted":
-            raise DataError("--data_mix_size sets the size of a --data_mixing weighted mixture; set both or neither.")
-        if self.data_mix_size < 0:
-            raise DataError("--data_mix_size must be >= 0.")
-
-    def sources(self, split: Literal["train", "eval"]) -> list[DataSource]:
-        """The sources of --train_data or --eval_data with their options."""
-        return parse_sources(self.train_data if split == "train" else self.eval_data, f"--{split}_data")
 
 
 # Record shapes: detection, validation, normalisation

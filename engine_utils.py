@@ -16,8 +16,6 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from model_utils import (
     MEMORY_LIMIT_ENV,
-    LoraArguments,
-    ModelArguments,
     ModelLoadError,
     compute_dtype,
     is_fused_experts,
@@ -30,6 +28,7 @@ from model_utils import (
     weights_dtype,
     without_zero3_init,
 )
+from options import LoraArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 

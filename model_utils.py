@@ -5,9 +5,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import httpx2
 import torch
@@ -34,113 +32,16 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import CONFIG_NAME, is_flash_attn_2_available
 
 from data_utils import IGNORE_INDEX
+from options import AUTO_TARGET_MODULES, LoraArguments, ModelArguments
 from packing import VARLEN, loaded_attention, varlen_available
 
 logger = logging.getLogger(__name__)
 
-AUTO_TARGET_MODULES = "auto"
 DEFAULT_PAD_TOKEN = "<pad>"
 MEMORY_LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
 ADAPTER_SUBDIR = "adapter"
 SAMPLES_FILE = "samples.jsonl"
 HUB_PROBE_TIMEOUT_S = 5
-
-
-@dataclass
-class ModelArguments:
-    model_id: str = field(metadata={"help": "Hugging Face Hub id or local directory of the causal LM to fine-tune."})
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": "Run Python code shipped with the model repo. Off by default: enable only for repos you trust."
-        },
-    )
-    attn_implementation: Literal["auto", "sdpa", "varlen", "flash_attention_2", "eager"] = field(
-        default="auto",
-        metadata={
-            "help": "Attention kernel. 'auto': the fastest exact one for the device and --sample_packing (GPU with "
-            "bf16/fp16: flash_attention_2 if flash-attn is installed, else varlen with packing, else sdpa; CPU: "
-            "sdpa). 'varlen': PyTorch's varlen flash attention (CUDA, torch >= 2.10, --sample_packing only). "
-            "'eager' is the slow reference. Combinations that would let packed samples see each other are refused."
-        },
-    )
-    use_flash_attention: bool = field(
-        default=False,
-        metadata={
-            "help": "Old switch for --attn_implementation flash_attention_2; where flash-attn or a GPU is missing, "
-            "'auto' is used instead (with a warning)."
-        },
-    )
-    special_tokens: str | None = field(
-        default=None,
-        metadata={
-            "help": 'Special tokens to set on the tokenizer, as a JSON object, e.g. \'{"pad_token": "<|pad|>"}\'. '
-            "New tokens grow the embeddings (train them with --lora_modules_to_save under LoRA)."
-        },
-    )
-    max_memory_per_device: str | None = field(
-        default=None,
-        metadata={
-            "help": "Memory one process may use on its device, e.g. 70GiB or 20000 (MiB): the budget the memory "
-            "estimate is checked against before loading (on CPU too), and the per-GPU cap when one process spreads "
-            "a model over several GPUs."
-        },
-    )
-
-
-@dataclass
-class LoraArguments:
-    use_lora: bool = field(
-        default=False, metadata={"help": "Train an adapter (--peft_method, LoRA by default) on a frozen base model."}
-    )
-    use_qlora: bool = field(
-        default=False, metadata={"help": "Train an adapter on a base quantized with bitsandbytes (QLoRA)."}
-    )
-    peft_method: Literal["lora", "ia3"] = field(
-        default="lora",
-        metadata={
-            "help": "Adapter type with --use_lora / --use_qlora: 'lora', or 'ia3' (learned scaling vectors; with "
-            "--lora_target_modules auto it adapts PEFT's default IA3 layers for the architecture)."
-        },
-    )
-    use_dora: bool = field(
-        default=False,
-        metadata={"help": "DoRA: LoRA with a learned magnitude per output (slower steps, often better at low rank)."},
-    )
-    qlora_bit_length: Literal[4, 8] = field(
-        default=4, metadata={"help": "QLoRA quantization: 4 (NF4 with double quantization) or 8 (LLM.int8)."}
-    )
-    lora_target_modules: str = field(
-        default=AUTO_TARGET_MODULES,
-        metadata={
-            "help": "'auto' targets every linear layer except the output head (GPT-2 Conv1D included); or a JSON "
-            'list of module names, e.g. \'["q_proj", "v_proj"]\'.'
-        },
-    )
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_bias: Literal["none", "all", "lora_only"] = field(
-        default="none", metadata={"help": "Which biases to train along with the adapter."}
-    )
-    lora_modules_to_save: str | None = field(
-        default=None,
-        metadata={
-            "help": "JSON list of modules trained in full and saved with the adapter, e.g. "
-            '\'["embed_tokens", "lm_head"]\' when new tokens were added.'
-        },
-    )
-    merge_adapters: bool = field(
-        default=True,
-        metadata={
-            "help": "Merge the trained adapter into a freshly loaded 16/32-bit base and save the full model in "
-            "--output_dir (the adapter goes to --output_dir/adapter). false saves only the adapter in --output_dir."
-        },
-    )
-
-    @property
-    def use_peft(self) -> bool:
-        return self.use_lora or self.use_qlora
 
 
 class ModelLoadError(Exception):

@@ -1,55 +1,25 @@
-"""Option values and paths checked before anything is loaded or created: numbers out of range, an output dir that
-cannot be written, a model directory with a broken weights file, a checkpoint to resume from that is not there.
+"""Paths named by the options, checked before anything is loaded or created: an output dir that cannot be written,
+a model directory with a broken weights file, a checkpoint to resume from that is not there.
 
 Each check returns the problems as messages naming the flag; train.py reports them all at once (exit code 2).
 """
 
 import json
 import os
-import platform
 import struct
 from pathlib import Path
-
-import torch
 
 from checkpoint_utils import resume_path_problem
 
 SAFETENSORS_HEADER_BYTES = 8  # little-endian u64 length of the JSON header that follows
 
 
-def option_value_problems(model_args, data_args, lora_args, training_args) -> list[str]:
-    problems = number_problems(data_args, lora_args, training_args)
-    problems += output_dir_problems(training_args.output_dir)
+def path_problems(model_args, training_args) -> list[str]:
+    problems = output_dir_problems(training_args.output_dir)
     problems += model_file_problems(model_args.model_id)
     if problem := resume_path_problem(training_args.resume_from_checkpoint):
         problems.append(problem + " Pass a complete checkpoint-N directory, or true to resume from --output_dir.")
     return problems
-
-
-def number_problems(data_args, lora_args, training_args) -> list[str]:
-    problems = []
-    if training_args.learning_rate <= 0:
-        problems.append(f"--learning_rate {training_args.learning_rate:g} must be a positive number (e.g. 0.0002).")
-    if lora_args.use_peft and lora_args.peft_method == "lora" and lora_args.lora_r < 1:
-        problems.append(f"--lora_r {lora_args.lora_r}: the LoRA rank must be at least 1 (8 to 64 is usual).")
-    if data_args.max_length is not None and data_args.max_length < 1:
-        problems.append(
-            f"--max_length {data_args.max_length} must be at least 1; leave it out to use the model's limit."
-        )
-    eval_size = data_args.eval_size
-    if eval_size < 0 or (eval_size >= 1 and not float(eval_size).is_integer()):
-        problems.append(
-            f"--eval_size {eval_size:g}: pass a fraction below 1 (0.1 holds out 10%), a whole number of records, "
-            "or 0 for no evaluation split."
-        )
-    return problems
-
-
-def cpu_has_bf16() -> bool:
-    """x86 CPUs compute bfloat16 natively only with AVX512-BF16 or AMX; without, PyTorch emulates it very slowly."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True  # ARM CPUs with bf16 (SVE, Apple) have no such probe here; let PyTorch decide
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def output_dir_problems(output_dir: str) -> list[str]:

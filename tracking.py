@@ -27,7 +27,7 @@ from transformers.integrations import MLflowCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from checkpoint_utils import COMPLETE_MARKER, checkpoint_dirs, is_complete
-from data_utils import NO_EVAL_DATA
+from data_mixing import NO_EVAL_DATA
 from mlfoundry_utils import run_arguments
 from model_utils import ADAPTER_SUBDIR
 from packing import is_packed, rows_efficiency

@@ -1,7 +1,8 @@
 """Fine-tune a Hugging Face causal LM on JSONL data: full fine-tune, LoRA or QLoRA.
 
-Defaults come from train.args beside this file; a config file given first (our options or Axolotl's, YAML or JSON,
-or a RunPod-style job body; see config_files.py) overrides them; flags on the command line override both.
+Options (options.py): defaults from train.args beside this file; a config file (first, or --config FILE: our options
+or Axolotl's, YAML or JSON, or a RunPod-style job body; see config_files.py) overrides them; flags on the command
+line override both. `python train.py --help` lists every option with the value a run uses.
 
 CPU smoke test with the embedded tiny model (scripts/quickstart.sh runs this with more options):
     python scripts/make_tiny_model.py --output_dir models/tiny-llama-units --pretrain_steps 600
@@ -26,23 +27,19 @@ DeepSpeed ZeRO-3 (scripts/deepspeed_zero3_full.sh; configs in deepspeed_configs/
 """
 
 import copy
-import functools
-import json
 import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 
 import quiet  # first: bitsandbytes warns while the libraries below are imported
 
 # isort: split
 import datasets
-import torch
 import transformers
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from checkpoint_utils import (
     PREEMPTED_EXIT_CODES,
@@ -61,10 +58,8 @@ from checkpoint_utils import (
     remove_intermediate_checkpoints,
     resolve_resume_checkpoint,
 )
-from config_files import ConfigFileError, config_file_argument, expand_command_line, last_value, raise_parse_error
+from config_files import ConfigFileError
 from data_utils import (
-    NO_EVAL_DATA,
-    DataArguments,
     DataError,
     apply_chat_template_option,
     build_collator,
@@ -77,10 +72,8 @@ from data_utils import (
 )
 from engine_utils import check_memory_fits, engine_problems, init_deepspeed_comm
 from evaluation import AnswerAccuracyTrainer, accuracy_options, log_answer_accuracy
-from mlfoundry_utils import TrackingArguments, save_run_arguments
+from mlfoundry_utils import save_run_arguments
 from model_utils import (
-    LoraArguments,
-    ModelArguments,
     ModelLoadError,
     answer_sample_prompts,
     apply_memory_limit,
@@ -95,7 +88,8 @@ from model_utils import (
     write_final_model,
     write_sample_generations,
 )
-from option_checks import cpu_has_bf16, option_value_problems
+from option_checks import path_problems
+from options import NO_EVAL_DATA, ArgumentError, FinetuneTrainingArguments, has_eval_data, option_problems, parse_args
 from packing import flattens_batches, packed_attention
 from redaction import SecretMaskingFilter, mask_secrets, register_secret_options
 from tracking import (
@@ -113,197 +107,12 @@ from tracking import (
 logger = logging.getLogger(__name__)
 
 
-class ArgumentError(Exception):
-    """Incompatible or unsupported options; the message lists every problem found."""
-
-
 class TrainingStopped(Exception):
     """Training ended early (preemption or the loss watchdog); carries the process exit code."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-@dataclass
-class FinetuneTrainingArguments(TrainingArguments):
-    """transformers' TrainingArguments plus the TrueFoundry launcher's options, with defaults for fine-tuning."""
-
-    report_to: list[str] = field(
-        default_factory=lambda: ["tensorboard"],
-        metadata={
-            "help": "Integrations to report to, space- or comma-separated (tensorboard mlflow, or tensorboard,mlflow); "
-            "'none' for none. TensorBoard by default."
-        },
-    )
-    # Typed str (upstream's `str | bool` parses as bool only), so 'non_padding' can be passed and be the default.
-    include_num_input_tokens_seen: str = field(
-        default="non_padding",
-        metadata={
-            "help": "Count input tokens: 'non_padding' (default: the logged train_tokens_per_second counts real "
-            "tokens), 'all' or 'no'."
-        },
-    )
-    group_by_length: bool = field(
-        default=False,
-        metadata={
-            "help": "Batch samples of similar length together: less padding without --sample_packing (same as "
-            "--train_sampling_strategy group_by_length)."
-        },
-    )
-    dataloader_pin_memory: bool | None = field(
-        default=None,
-        metadata={"help": "Pin data-loader memory for faster copies to the GPU; by default on when there is one."},
-    )
-    evaluation_strategy: str | None = field(
-        default=None, metadata={"help": "Old name of --eval_strategy (transformers < 5), accepted as an alias."}
-    )
-    cleanup_output_dir_on_start: bool = field(
-        default=False,
-        metadata={"help": "Delete --output_dir before training; only a directory this script created is ever deleted."},
-    )
-    use_ddp: bool = field(
-        default=False,
-        metadata={
-            "help": "Set when launching several processes (accelerate launch --multi_gpu): one model copy per GPU."
-        },
-    )
-    early_stopping_patience: int = field(
-        default=0, metadata={"help": "Stop after this many evaluations without eval-loss improvement. 0 disables it."}
-    )
-    early_stopping_threshold: float = field(
-        default=0.0, metadata={"help": "Smallest eval-loss improvement that resets the early-stopping patience."}
-    )
-    keep_checkpoints: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep the intermediate checkpoints after a successful run (by default only the model stays)."
-        },
-    )
-    loss_watchdog_threshold: float | None = field(
-        default=None,
-        metadata={
-            "help": "Stop when the logged training loss stays above this for --loss_watchdog_patience logging steps. "
-            "A NaN/inf loss always stops training."
-        },
-    )
-    loss_watchdog_patience: int = field(
-        default=3, metadata={"help": "Consecutive logging steps above --loss_watchdog_threshold that stop training."}
-    )
-    logging_nan_inf_filter: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace NaN/inf step losses by the running mean in the logs. Off by default so the loss "
-            "watchdog sees a diverging run."
-        },
-    )
-
-    strict: bool = field(
-        default=False,
-        metadata={"help": "Stop, instead of warning, when a config file has keys with no equivalent here."},
-    )
-    sample_generations: int = field(
-        default=0,
-        metadata={
-            "help": "After training, answer this many evaluation prompts (training ones without eval data) and write "
-            "prompt, reference and answer to --output_dir/samples.jsonl. 0 disables it."
-        },
-    )
-    sample_max_new_tokens: int = field(
-        default=64, metadata={"help": "Most tokens generated per answer of --sample_generations (greedy)."}
-    )
-    eval_accuracy: bool = field(
-        default=False,
-        metadata={
-            "help": "After training, answer the evaluation prompts (greedy, --per_device_eval_batch_size at a time) "
-            "and log eval_accuracy: the share of answers equal to the trained answer, special tokens removed; "
-            "every answer goes to --output_dir/eval_answers.jsonl. For tasks with one right answer; needs "
-            "evaluation data."
-        },
-    )
-    eval_accuracy_during_training: bool = field(
-        default=False, metadata={"help": "Also log eval_accuracy at each evaluation (--eval_strategy), with eval_loss."}
-    )
-    eval_accuracy_samples: int = field(
-        default=0, metadata={"help": "Most evaluation prompts answered for eval_accuracy (0: all of them)."}
-    )
-    eval_accuracy_max_new_tokens: int = field(
-        default=64, metadata={"help": "Most tokens generated per answer for eval_accuracy; longer answers fail."}
-    )
-
-    def __post_init__(self):
-        self.report_to = split_list_option(self.report_to)
-        if problem := precision_problem(self):  # TrainingArguments would raise it with a traceback
-            raise ArgumentError(problem)
-        if self.deepspeed and isinstance(self.deepspeed, str) and not self.deepspeed.lstrip().startswith("{"):
-            if not os.path.isfile(self.deepspeed):  # checked before TrainingArguments reads it
-                raise ArgumentError(f"--deepspeed {self.deepspeed}: no such file; see deepspeed_configs/.")
-        self.include_num_input_tokens_seen = {"true": "all", "false": "no"}.get(
-            self.include_num_input_tokens_seen.lower(), self.include_num_input_tokens_seen
-        )
-        if self.group_by_length:
-            self.train_sampling_strategy = "group_by_length"
-        if self.evaluation_strategy is not None:
-            self.eval_strategy = self.evaluation_strategy
-        if self.use_ddp and self.ddp_find_unused_parameters is None:
-            # Every parameter that trains gets a gradient each step; skipping the search saves a graph traversal.
-            self.ddp_find_unused_parameters = False
-        if self.early_stopping_patience and self.metric_for_best_model is None:
-            self.metric_for_best_model = "eval_loss"
-        if self.dataloader_pin_memory is None:
-            self.dataloader_pin_memory = torch.accelerator.is_available()
-        if self.disable_tqdm is None and not quiet.output_is_terminal():
-            self.disable_tqdm = True  # the Trainer then prints each log line instead of redrawing a bar
-        super().__post_init__()
-
-
-def split_list_option(values: str | list[str]) -> list[str]:
-    """A list flag as users write it: space- or comma-separated, or the JSON list a config file gives (a plain
-    string when the arguments are built in code)."""
-    if isinstance(values, str):
-        values = [values]
-    if len(values) == 1 and values[0].lstrip().startswith("["):
-        values = json.loads(values[0])
-    return [item.strip() for value in values for item in str(value).split(",") if item.strip()]
-
-
-def precision_problem(args: TrainingArguments) -> str | None:
-    if args.bf16 and args.fp16:
-        return "--bf16 true and --fp16 true: pick one precision (bf16 on GPUs that have it, else fp16)."
-    if args.bf16 and not args.use_cpu and not is_torch_bf16_gpu_available() and not is_torch_xla_available():
-        return "--bf16 true needs a GPU with bfloat16 (Ampere or newer); on a CPU add --use_cpu true, or drop --bf16."
-    if args.bf16 and args.use_cpu and not cpu_has_bf16():
-        return "--bf16 true: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); drop --bf16."
-    return None
-
-
-ARGUMENT_GROUPS = (ModelArguments, DataArguments, LoraArguments, TrackingArguments, FinetuneTrainingArguments)
-
-
-def parse_args() -> tuple:
-    """Read train.args beside this script, then a config file, then the command line (the last value of a flag wins).
-    Evaluation defaults to off when there is no evaluation data, unless the user asked for it."""
-    parser = HfArgumentParser(ARGUMENT_GROUPS)
-    arguments = expand_command_line(sys.argv[1:], ARGUMENT_GROUPS)
-    config_file = config_file_argument(sys.argv[1:])
-    if config_file:  # a problem in the file: one message naming it, not the usage text
-        parser.error = functools.partial(raise_parse_error, config_file)
-    try:
-        groups = parser.parse_args_into_dataclasses(args=arguments, look_for_args_file=True)
-        data_args, training_args = groups[1], groups[-1]
-        user_asked = any(last_value(arguments, name) is not None for name in ("eval_strategy", "evaluation_strategy"))
-        if training_args.eval_strategy != "no" and not has_eval_data(data_args) and not user_asked:
-            # train.args evaluates by default; with no evaluation data that default yields, not the user's choice.
-            groups = parser.parse_args_into_dataclasses(
-                args=[*arguments, "--eval_strategy", "no"], look_for_args_file=True
-            )
-    except (ValueError, DataError) as error:  # raised by a __post_init__ (ours or transformers'): a message
-        if config_file:
-            raise ConfigFileError(f"{config_file}: {error}") from None
-        if isinstance(error, DataError):
-            raise
-        raise ArgumentError(f"invalid options: {error}") from None
-    return groups
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -322,37 +131,10 @@ def setup_logging(training_args: TrainingArguments) -> None:
     quiet.quiet_run(uses_deepspeed=bool(training_args.deepspeed))
 
 
-def has_eval_data(data_args: DataArguments) -> bool:
-    return data_args.eval_data != NO_EVAL_DATA or data_args.eval_size > 0
-
-
 def find_argument_problems(model_args, data_args, lora_args, tracking_args, training_args) -> list[str]:
-    problems = option_value_problems(model_args, data_args, lora_args, training_args)
+    problems = option_problems(data_args, lora_args, training_args)
+    problems += path_problems(model_args, training_args)
     problems += tracking_problems(tracking_args, training_args)
-    if training_args.eval_strategy != "no" and not has_eval_data(data_args):
-        problems.append("--eval_strategy needs evaluation data: pass --eval_data or an --eval_size > 0.")
-    if (training_args.eval_accuracy or training_args.eval_accuracy_during_training) and not has_eval_data(data_args):
-        problems.append("--eval_accuracy needs evaluation data: pass --eval_data or an --eval_size > 0.")
-    if training_args.eval_accuracy_during_training and training_args.eval_strategy == "no":
-        problems.append("--eval_accuracy_during_training needs evaluation: set --eval_strategy steps or epoch.")
-    if training_args.early_stopping_patience and training_args.eval_strategy == "no":
-        problems.append("--early_stopping_patience needs evaluation: set --eval_strategy steps or epoch.")
-    if training_args.cleanup_output_dir_on_start and (training_args.resume_from_checkpoint or "").lower() == "true":
-        problems.append(
-            "--cleanup_output_dir_on_start true would delete the checkpoints that --resume_from_checkpoint true "
-            "resumes from; set one of them to false."
-        )
-    if training_args.enable_jit_checkpoint:
-        problems.append(
-            "--enable_jit_checkpoint: this script handles SIGTERM itself (a complete checkpoint after the current "
-            "step, exit code 143); drop the flag."
-        )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and training_args.world_size == 1:
-        problems.append(
-            f"{launched} processes were launched, but without a GPU each would train its own unsynchronised copy "
-            "of the model. Add --use_cpu true to train them together on CPU (gloo; DDP or DeepSpeed)."
-        )
     problems += attention_problems(model_args, training_args, data_args.sample_packing)
     problems += peft_option_problems(lora_args)
     problems += engine_problems(lora_args, training_args)

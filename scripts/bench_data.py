@@ -23,8 +23,9 @@ sys.path.insert(0, str(REPO))
 
 from datasets import Dataset, disable_progress_bars  # noqa: E402
 
-from data_utils import DataArguments, apply_chat_template_option, prepare_datasets, read_records  # noqa: E402
-from model_utils import ModelArguments, load_tokenizer  # noqa: E402
+from data_utils import apply_chat_template_option, prepare_datasets, read_records  # noqa: E402
+from model_utils import load_tokenizer  # noqa: E402
+from options import DataArguments, ModelArguments  # noqa: E402
 
 WORDS = "the a model data train token loss mask chat answer question number value result step check".split()
 

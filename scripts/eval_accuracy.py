@@ -19,9 +19,10 @@ import quiet  # noqa: E402  (first: bitsandbytes warns while the libraries below
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from data_utils import DataArguments, prepare_datasets, read_records  # noqa: E402
+from data_utils import prepare_datasets, read_records  # noqa: E402
 from evaluation import answer_accuracy  # noqa: E402
 from model_utils import load_for_generation  # noqa: E402
+from options import DataArguments
 
 
 def parse_args() -> argparse.Namespace:

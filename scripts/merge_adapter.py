@@ -19,7 +19,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from model_utils import ModelArguments, adapter_base_model, merge_adapter  # noqa: E402
+from model_utils import adapter_base_model, merge_adapter  # noqa: E402
+from options import ModelArguments  # noqa: E402
 
 logger = logging.getLogger("merge_adapter")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,12 +1,18 @@
 """Argument parsing: train.args defaults, command-line overrides, launcher compatibility, refusals."""
 
+import json
+import re
 import shlex
 import sys
+from dataclasses import fields
 
 import pytest
 from conftest import REPO
+from transformers import TrainingArguments
 
+import options
 import train
+from config_files import ConfigFileError
 
 # Every flag of the TrueFoundry launcher, with values as users pass them.
 TRUEFOUNDRY_LAUNCHER_FLAGS = """
@@ -29,12 +35,38 @@ def parse(monkeypatch, *args):
     return dict(zip(("model", "data", "lora", "tracking", "training"), train.parse_args(), strict=True))
 
 
-def test_train_args_supplies_defaults(monkeypatch):
-    args = parse(monkeypatch, "--model_id", "m", "--train_data", "d.jsonl")
-    defaults = (REPO / "train.args").read_text().split()
-    assert args["training"].learning_rate == float(defaults[defaults.index("--learning_rate") + 1])
-    assert args["training"].logging_steps == float(defaults[defaults.index("--logging_steps") + 1])
-    assert args["lora"].lora_r == int(defaults[defaults.index("--lora_r") + 1])
+def test_train_args_supplies_defaults_that_differ_from_upstream(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/elsewhere/launcher.py"])  # found beside options.py, not via sys.argv[0]
+    model, data, lora, tracking, training = options.parse_args(["--model_id", "m", "--train_data", "d.jsonl"])
+    defaults = options.read_defaults_file()
+    assert training.learning_rate == float(defaults["learning_rate"]) == 0.0002
+    assert training.logging_steps == float(defaults["logging_steps"])
+    assert lora.lora_r == 32  # our own options' defaults live in options.py
+    upstream = {f.name: f.default for f in fields(TrainingArguments)}
+    for name, value in defaults.items():  # only what differs from upstream TrainingArguments
+        assert name in upstream and str(upstream[name]) != value, name
+
+
+def test_help_shows_the_effective_defaults_and_where_they_come_from():
+    text = options.build_parser().format_help()
+    assert re.search(r"--learning_rate LEARNING_RATE.*?\(default:\s+0\.0002\)", text, re.S)
+    assert re.search(r"--output_dir OUTPUT_DIR.*?\(default:\s+\./outputs/run\)", text, re.S)
+    assert str(options.TRAIN_ARGS_FILE) in " ".join(text.split()) and "--config FILE" in text
+
+
+def test_config_flag_and_positional_file_are_the_same(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model_id": "m", "train_data": "d.jsonl", "lora_r": 5}))
+    for argv in ([str(config)], ["--config", str(config)], [f"--config={config}"]):
+        model, _, lora, *_ = options.parse_args([*argv, "--lora_alpha", "3"])
+        assert (model.model_id, lora.lora_r, lora.lora_alpha) == ("m", 5, 3)
+
+
+def test_a_config_value_outside_the_choices_names_the_file(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model_id": "m", "train_data": "d.jsonl", "lr_scheduler_type": "cosinus"}))
+    with pytest.raises(ConfigFileError, match=r"run.json: lr_scheduler_type: 'cosinus' is not one of linear, cosine"):
+        options.parse_args([str(config)])
 
 
 def test_command_line_overrides_train_args(monkeypatch):
@@ -114,7 +146,7 @@ def test_no_eval_data_turns_the_default_evaluation_off(monkeypatch, tmp_path):
 
 
 def test_deepspeed_config_must_exist(monkeypatch):
-    with pytest.raises(train.ArgumentError, match="--deepspeed ds.json: no such file; see deepspeed_configs/"):
+    with pytest.raises(options.ArgumentError, match="--deepspeed ds.json: no such file; see deepspeed_configs/"):
         parse(monkeypatch, "--model_id", "m", "--train_data", "d", "--deepspeed", "ds.json")
     config = str(REPO / "deepspeed_configs" / "3_ds_z2_config.json")
     args = parse(monkeypatch, "--model_id", "m", "--train_data", "d", "--deepspeed", config, "--use_cpu", "true")
@@ -122,11 +154,21 @@ def test_deepspeed_config_must_exist(monkeypatch):
 
 
 def test_every_option_has_help():
-    parser = train.HfArgumentParser(train.ARGUMENT_GROUPS)
-    own_options = {f for group in train.ARGUMENT_GROUPS[:-1] for f in group.__dataclass_fields__}
-    own_options |= set(train.FinetuneTrainingArguments.__dataclass_fields__) - set(
-        train.TrainingArguments.__dataclass_fields__
+    parser = options.HfArgumentParser(options.ARGUMENT_GROUPS)
+    own_options = {f for group in options.ARGUMENT_GROUPS[:-1] for f in group.__dataclass_fields__}
+    own_options |= set(options.FinetuneTrainingArguments.__dataclass_fields__) - set(
+        TrainingArguments.__dataclass_fields__
     )
     for action in parser._actions:
         if action.dest in own_options:
             assert action.help, action.dest
+
+
+def test_readme_option_tables_are_generated_from_options_py():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from options_table import options_tables
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("-->\n", readme.index("<!-- options tables:")) + 4
+    end = readme.index("<!-- end of options tables -->")
+    assert readme[start:end].strip() == options_tables().strip(), "run python scripts/options_table.py; paste it in"

@@ -19,7 +19,8 @@ from datasets import Dataset
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from data_utils import IGNORE_INDEX, DataArguments, DataError, prepare_datasets, read_records
+from data_utils import IGNORE_INDEX, DataError, prepare_datasets, read_records
+from options import DataArguments
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 

@@ -14,12 +14,13 @@ import yaml
 from conftest import REPO, run_train, write_jsonl
 from datasets import Dataset, load_from_disk
 
-import train
-from config_files import ConfigFileError, expand_command_line, option_names, translate_config
-from data_utils import DataArguments, prepare_datasets, read_records
-from model_utils import ModelArguments, load_tokenizer
+import options
+from config_files import ConfigFileError, command_line_tokens, load_config_file, translate_config
+from data_utils import prepare_datasets, read_records
+from model_utils import load_tokenizer
+from options import DataArguments, ModelArguments
 
-KNOWN = option_names(train.ARGUMENT_GROUPS)
+KNOWN = options.option_names()
 # Flags other branches add; translation must target them once they exist.
 LATER_FLAGS = {"sample_packing", "eval_sample_packing", "mlflow_experiment_name"}
 PLANTED_HF_TOKEN = "hf_PlantedSecretValue0123456789"
@@ -29,7 +30,7 @@ PLANTED_WANDB_KEY = "0123456789abcdefPlantedWandbKey"
 def parse(monkeypatch, *args):
     """Parse as `python train.py ARGS` does: train.args, then the config file, then the command line."""
     monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
-    return dict(zip(("model", "data", "lora", "tracking", "training"), train.parse_args(), strict=True))
+    return dict(zip(("model", "data", "lora", "tracking", "training"), options.parse_args(), strict=True))
 
 
 def write_yaml(path, config: dict):
@@ -43,10 +44,10 @@ def test_train_args_then_file_then_command_line(monkeypatch, tmp_path):
                                                 "save_strategy": False})  # fmt: skip
     args = parse(monkeypatch, config, "--learning_rate", "0.02")
     assert args["training"].learning_rate == 0.02  # command line beats the file
-    assert args["lora"].lora_r == 7  # the file beats train.args (32)
+    assert args["lora"].lora_r == 7  # the file beats the default (32)
     assert args["lora"].lora_target_modules == '["q_proj", "v_proj"]'
     assert args["training"].save_strategy == "no"  # YAML reads an unquoted `no` as false
-    assert args["training"].weight_decay == 0.0 and args["lora"].lora_alpha == 64  # train.args defaults
+    assert args["training"].weight_decay == 0.0 and args["lora"].lora_alpha == 64  # defaults
 
 
 def test_json_file_of_our_options(monkeypatch, tmp_path):
@@ -77,15 +78,15 @@ AXOLOTL = {
 BF16_AUTO = str(torch.cuda.is_available() and torch.cuda.is_bf16_supported()).lower()
 
 
-def flags(tokens: list[str]) -> dict[str, str]:
-    """The last value of every flag (tokens come in --flag value pairs)."""
-    return dict(zip(tokens[::2], tokens[1::2], strict=True))
+def flags(values: dict[str, str]) -> dict[str, str]:
+    """A translation's values as the flags they stand for."""
+    return {f"--{name}": value for name, value in values.items()}
 
 
 def test_axolotl_keys_are_translated():
     translation = translate_config(AXOLOTL, KNOWN | LATER_FLAGS)
     assert translation.untranslated == []
-    assert flags(translation.tokens) == {
+    assert flags(translation.values) == {
         "--train_data": "data/train.jsonl", "--data_format": "alpaca", "--eval_size": "0.05",
         "--model_id": "org/model", "--use_qlora": "true", "--qlora_bit_length": "4", "--lora_r": "8",
         "--lora_alpha": "16", "--lora_dropout": "0.1", "--lora_target_modules": '["q_proj", "v_proj"]',
@@ -141,7 +142,7 @@ def test_axolotl_translation_parses(monkeypatch, tmp_path):
 def test_axolotl_data_and_schedule(config, expected):
     translation = translate_config(config, KNOWN)
     assert translation.untranslated == []
-    assert flags(translation.tokens) == expected
+    assert flags(translation.values) == expected
 
 
 def test_axolotl_keys_without_equivalent_are_listed():
@@ -151,21 +152,22 @@ def test_axolotl_keys_without_equivalent_are_listed():
     assert [reason.split()[0] for reason in translation.untranslated] == ["unfrozen_parameters:", "sample_packing:"]
     assert "--sample_packing is not available" in translation.untranslated[1]  # a flag this version does not have
     assert [reason.split()[0] for reason in translation.refused] == ["chat_template"]  # changes the data: stops
-    assert flags(translation.tokens)["--train_data"] == '[{"path":"a"},{"path":"b"}]'
+    assert flags(translation.values)["--train_data"] == '[{"path":"a"},{"path":"b"}]'
 
 
 def test_unknown_keys_warn_once_and_strict_stops(tmp_path, caplog):
     config = write_yaml(tmp_path / "run.yaml", {"model_id": "m", "learning_rat": 0.1, "num_epoch": 3})
     with caplog.at_level(logging.WARNING, logger="config_files"):
-        tokens = expand_command_line([config, "--train_data", "d"], train.ARGUMENT_GROUPS)
-    assert tokens == ["--model_id", "m", "--train_data", "d"]
+        model, data, *_, training = options.parse_args([config, "--train_data", "d"])
+    assert (model.model_id, data.train_data) == ("m", "d")
+    assert training.learning_rate == 0.0002 and training.num_train_epochs == 3  # the misspelt keys set nothing
     [record] = caplog.records
     assert "2 key(s)" in record.message and "learning_rat" in record.message and "num_epoch" in record.message
     with pytest.raises(ConfigFileError, match="learning_rat: no such option"):
-        expand_command_line([config, "--strict", "true"], train.ARGUMENT_GROUPS)
+        options.parse_args([config, "--train_data", "d", "--strict", "true"])
     strict_file = write_yaml(tmp_path / "strict.yaml", {"strict": True, "learning_rat": 0.1})
     with pytest.raises(ConfigFileError, match="1 key"):
-        expand_command_line([strict_file], train.ARGUMENT_GROUPS)
+        options.parse_args(["--config", strict_file, "--model_id", "m", "--train_data", "d"])
 
 
 def test_strict_error_exits_2_before_loading_anything(tmp_path):
@@ -182,13 +184,13 @@ def test_bad_files_are_reported(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model_id: [unclosed\n")
     with pytest.raises(ConfigFileError, match="cannot be read as YAML"):
-        expand_command_line([str(bad)], train.ARGUMENT_GROUPS)
+        options.parse_args([str(bad)])
     with pytest.raises(ConfigFileError, match="no such config file"):
-        expand_command_line([str(tmp_path / "missing.json")], train.ARGUMENT_GROUPS)
+        options.parse_args([str(tmp_path / "missing.json")])
     listing = tmp_path / "list.yaml"
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigFileError, match="expected a mapping"):
-        expand_command_line([str(listing)], train.ARGUMENT_GROUPS)
+        options.parse_args([str(listing)])
 
 
 def test_truefoundry_launcher_axolotl_flags(monkeypatch):
@@ -205,7 +207,7 @@ def test_truefoundry_launcher_axolotl_flags(monkeypatch):
     no_eval = parse(monkeypatch, "--base_model", "m", "--train_data_uri", "d", "--val_set_size", "0")
     assert no_eval["data"].eval_size == 0 and no_eval["training"].eval_strategy == "no"
     with pytest.raises(ConfigFileError, match="--adapter prefix"):
-        expand_command_line(["--adapter", "prefix"], train.ARGUMENT_GROUPS)
+        command_line_tokens(["--adapter", "prefix"])
 
 
 def job_body(args: dict, hf_token: str = PLANTED_HF_TOKEN, wandb_key: str = PLANTED_WANDB_KEY) -> dict:
@@ -218,13 +220,18 @@ def test_job_body_credentials_go_to_the_environment_only(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", "before")
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job_body({"base_model": "org/m", "datasets": [{"path": "d.jsonl"}]})))
-    tokens = expand_command_line([str(path)], train.ARGUMENT_GROUPS)
+    translation = load_config_file(path, KNOWN)
+    assert os.environ["HF_TOKEN"] == "before"  # loading the file sets nothing; a run that parses does
+    assert PLANTED_HF_TOKEN not in json.dumps(translation.values) and PLANTED_WANDB_KEY not in json.dumps(
+        translation.values
+    )
+    assert flags(translation.values)["--run_name"] == "run-7" and flags(translation.values)["--model_id"] == "org/m"
+    args = parse(monkeypatch, str(path))
     assert os.environ["HF_TOKEN"] == PLANTED_HF_TOKEN and os.environ["WANDB_API_KEY"] == PLANTED_WANDB_KEY
-    assert PLANTED_HF_TOKEN not in " ".join(tokens) and PLANTED_WANDB_KEY not in " ".join(tokens)
-    assert flags(tokens)["--run_name"] == "run-7" and flags(tokens)["--model_id"] == "org/m"
+    assert args["training"].run_name == "run-7" and args["model"].model_id == "org/m"
     path.write_text(json.dumps({"input": {"args": {}, "credentials": {"aws_secret": "x"}}}))
     with pytest.raises(ConfigFileError, match="unknown credential 'aws_secret'"):
-        expand_command_line([str(path)], train.ARGUMENT_GROUPS)
+        load_config_file(path, KNOWN)
 
 
 # End to end: every shipped example trains the tiny model (a few steps).
@@ -331,10 +338,10 @@ def test_axolotl_fixtures_translate_or_name_what_they_cannot_honour(name, tmp_pa
         assert reason.startswith(start), reason
     if expected:
         with pytest.raises(ConfigFileError) as error:
-            expand_command_line([str(path)], train.ARGUMENT_GROUPS)
+            load_config_file(path, KNOWN)
         assert str(error.value).startswith(f"{path}: {len(expected)} data key(s) cannot be honoured")
         return
-    tokens = flags(translation.tokens)  # every entry became a source: nothing dropped
+    tokens = flags(translation.values)  # every entry became a source: nothing dropped
     sources = json.loads(tokens["--train_data"]) if tokens["--train_data"].startswith("[") else [tokens["--train_data"]]
     assert len(sources) == len(config["datasets"]) and tokens["--data_format"] == "alpaca"
 
@@ -418,7 +425,7 @@ def test_axolotl_datasets_become_one_source_each():
     }  # fmt: skip
     translation = translate_config(config, KNOWN)
     assert translation.refused == [] and translation.untranslated == []
-    tokens = flags(translation.tokens)
+    tokens = flags(translation.values)
     kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
     assert json.loads(tokens["--train_data"]) == [
         {"path": "org/alpaca", "split": "train[:10%]", "name": "en", "shards": 4, "shard_index": 2,

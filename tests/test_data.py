@@ -13,7 +13,6 @@ from data_utils import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
     TRAINED_SPAN,
-    DataArguments,
     DataError,
     apply_chat_template_option,
     build_collator,
@@ -23,7 +22,8 @@ from data_utils import (
     read_records,
     training_columns,
 )
-from model_utils import ModelArguments, load_tokenizer
+from model_utils import load_tokenizer
+from options import DataArguments, ModelArguments
 
 CHAT = {
     "messages": [

@@ -8,9 +8,10 @@ from conftest import REPO
 from datasets import Dataset
 from transformers import TrainingArguments
 
-from data_utils import DataArguments, build_collator, prepare_datasets, read_records, training_columns
+from data_utils import build_collator, prepare_datasets, read_records, training_columns
 from evaluation import AnswerAccuracyTrainer, answer_accuracy, is_exact_match, prompts_and_references
 from model_utils import generate_text, load_for_generation
+from options import DataArguments
 
 EVAL_DATA = REPO / "sample_data" / "chat_eval.jsonl"
 

@@ -9,7 +9,7 @@ import pytest
 from accelerate.commands.launch import launch_command_parser
 from conftest import REPO
 
-import train
+import options
 
 SINGLE_PROCESS = ["single_gpu_qlora.sh", "single_gpu_full.sh", "cpu.sh"]
 SEVERAL_PROCESSES = ["multi_gpu_ddp.sh", "deepspeed_zero2_qlora.sh", "deepspeed_zero3_full.sh",
@@ -52,7 +52,7 @@ def test_launcher_flags_parse(script, tmp_path, monkeypatch):
     args = [*command[command.index("train.py") + 1 :], "--use_cpu", "true"]
     monkeypatch.chdir(REPO)  # the launchers pass paths relative to the repository (deepspeed_configs/...)
     monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
-    model_args, data_args, *_, training_args = train.parse_args()
+    model_args, data_args, *_, training_args = options.parse_args()
     assert model_args.model_id and data_args.train_data
     if "deepspeed" in script:
         assert training_args.deepspeed and training_args.hf_deepspeed_config.is_zero3() == ("zero3" in script)

@@ -8,6 +8,7 @@ from conftest import REPO, run_train
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import options
 import train
 from engine_utils import (
     GIB,
@@ -19,7 +20,8 @@ from engine_utils import (
     estimate_memory,
     model_shape,
 )
-from model_utils import LoraArguments, ModelArguments, ModelLoadError, parse_memory_size, peft_config
+from model_utils import ModelLoadError, parse_memory_size, peft_config
+from options import LoraArguments, ModelArguments
 
 DEEPSPEED_CONFIGS = sorted((REPO / "deepspeed_configs").glob("*.json"))
 # Llama-3.1-8B's shape (config.json on the Hub), built on the meta device: no weights are allocated.
@@ -29,9 +31,9 @@ LLAMA_8B = LlamaConfig(
 )  # fmt: skip
 
 
-def training_args(tmp_path, **kwargs) -> train.FinetuneTrainingArguments:
+def training_args(tmp_path, **kwargs) -> options.FinetuneTrainingArguments:
     defaults = {"output_dir": str(tmp_path), "report_to": "none", "use_cpu": True}
-    return train.FinetuneTrainingArguments(**{**defaults, **kwargs})
+    return options.FinetuneTrainingArguments(**{**defaults, **kwargs})
 
 
 @pytest.mark.parametrize(
@@ -198,7 +200,8 @@ def test_auto_find_batch_size_halves_the_batch_on_out_of_memory(tiny_llama, tmp_
     """A model that runs out of memory above 2 samples: the Trainer retries with 8, then 4, then trains with 2."""
     from transformers import AutoTokenizer
 
-    from data_utils import DataArguments, load_prepared_datasets
+    from data_utils import load_prepared_datasets
+    from options import DataArguments
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     data_args = DataArguments(train_data=str(REPO / "sample_data" / "chat.jsonl"), max_num_samples=16, eval_size=0,

@@ -9,7 +9,8 @@ import pytest
 from conftest import REPO
 
 import model_utils
-from model_utils import ModelArguments, ModelLoadError, load_model_config, looks_like_local_path
+from model_utils import ModelLoadError, load_model_config, looks_like_local_path
+from options import ModelArguments
 
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # loopback, discard port: refused at once, nothing leaves the machine
 

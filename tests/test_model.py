@@ -5,8 +5,6 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from model_utils import (
-    LoraArguments,
-    ModelArguments,
     load_tokenizer,
     lora_target_names,
     parse_memory_limit,
@@ -14,6 +12,7 @@ from model_utils import (
     peft_config,
     resize_embeddings_for_tokenizer,
 )
+from options import LoraArguments, ModelArguments
 
 
 def auto_targets(model_dir) -> set[str]:

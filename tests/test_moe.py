@@ -8,7 +8,8 @@ from peft import PeftModel, get_peft_model
 from test_numerics import RELATIVE_TOLERANCE, relative_differences, tokenized_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen3MoeConfig
 
-from model_utils import LoraArguments, lora_target_names, peft_config
+from model_utils import lora_target_names, peft_config
+from options import LoraArguments
 
 
 def moe_config(architecture: str, tokenizer) -> MixtralConfig | Qwen3MoeConfig:

@@ -9,8 +9,8 @@ import pytest
 from conftest import write_jsonl
 from datasets import Dataset, load_dataset
 
-import train
-from config_files import expand_command_line
+import options
+from config_files import command_line_tokens, load_config_file
 from data_mixing import (
     contiguous_shard,
     mixture_positions,
@@ -21,7 +21,6 @@ from data_mixing import (
 from data_sources import DataError
 from data_utils import (
     IGNORE_INDEX,
-    DataArguments,
     aligned_source_ids,
     load_prepared_datasets,
     load_raw_datasets,
@@ -30,7 +29,8 @@ from data_utils import (
     source_summary,
     write_preview,
 )
-from model_utils import ModelArguments, load_tokenizer
+from model_utils import load_tokenizer
+from options import DataArguments, ModelArguments
 
 CHATS = [
     {"conversations": [{"from": "human", "value": f"What is {i} + 1?"}, {"from": "gpt", "value": f"It is {i + 1}."},
@@ -107,19 +107,18 @@ def test_weight_needs_weighted_mixing():
 
 
 def test_repeated_flags_are_joined_and_the_file_is_overridden(tmp_path):
-    tokens = expand_command_line(
-        ["--train_data", "a.jsonl,b.jsonl", "--eval_size", "0", "--train_data", '{"path": "c", "weight": 2}'],
-        train.ARGUMENT_GROUPS,
+    tokens = command_line_tokens(
+        ["--train_data", "a.jsonl,b.jsonl", "--eval_size", "0", "--train_data", '{"path": "c", "weight": 2}']
     )
     assert tokens == ["--eval_size", "0", "--train_data", '["a.jsonl","b.jsonl",{"path":"c","weight":2}]']
     config = tmp_path / "run.yaml"
     config.write_text("train_data: [{path: d.jsonl, records: 5}, e.jsonl]\n")
-    tokens = expand_command_line([str(config)], train.ARGUMENT_GROUPS)
-    assert tokens == ["--train_data", '[{"path": "d.jsonl", "records": 5}, "e.jsonl"]']
-    assert [s.path for s in parse_sources(tokens[1], "--train_data")] == ["d.jsonl", "e.jsonl"]
+    values = load_config_file(config, options.option_names()).values
+    assert values == {"train_data": '[{"path": "d.jsonl", "records": 5}, "e.jsonl"]'}
+    assert [s.path for s in parse_sources(values["train_data"], "--train_data")] == ["d.jsonl", "e.jsonl"]
     # the command line replaces the file's sources (it does not add to them), as for every other option
-    tokens = expand_command_line([str(config), "--train_data", "f.jsonl"], train.ARGUMENT_GROUPS)
-    assert tokens[-2:] == ["--train_data", "f.jsonl"]
+    _, data, *_ = options.parse_args([str(config), "--model_id", "m", "--train_data", "f.jsonl"])
+    assert data.train_data == "f.jsonl"
 
 
 # Mixing: unit level

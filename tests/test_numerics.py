@@ -11,7 +11,8 @@ from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainingArguments, set_seed
 
 from engine_utils import model_shape
-from model_utils import LoraArguments, ModelArguments, load_model, peft_config, quantization_config
+from model_utils import load_model, peft_config, quantization_config
+from options import LoraArguments, ModelArguments
 
 # Dropout 0: a dropout mask is drawn from the RNG, which the reference model does not consume in the same order.
 ADAPTER = {"lora_r": 4, "lora_dropout": 0.0}

@@ -29,8 +29,9 @@ from transformers.modeling_flash_attention_utils import _is_packed_sequence, pre
 
 import model_utils
 import packing
-from data_utils import DataArguments, build_collator, training_columns
-from model_utils import ModelArguments, attention_implementation, attention_problems, load_tokenizer
+from data_utils import build_collator, training_columns
+from model_utils import attention_implementation, attention_problems, load_tokenizer
+from options import DataArguments, ModelArguments
 from packing import (
     IGNORE_INDEX,
     PACKED_SDPA,

@@ -14,9 +14,10 @@ import torch
 from conftest import REPO, run_train
 from datasets import Dataset
 
-from data_utils import DataArguments, prepare_datasets, read_records
+from data_utils import prepare_datasets, read_records
 from evaluation import ANSWERS_FILE, answer_accuracy
 from model_utils import load_for_generation
+from options import DataArguments
 from quiet import silenced_messages
 
 PRETRAIN_STEPS = 300

@@ -18,6 +18,7 @@ from conftest import REPO, write_jsonl
 from datasets import Dataset
 
 import option_checks
+import options
 import train
 from checkpoint_utils import (
     COMPLETE_MARKER,
@@ -27,8 +28,9 @@ from checkpoint_utils import (
     explain_disk_full,
     lock_output_dir,
 )
-from data_utils import DataArguments, max_record_chars, prepare_datasets, read_records, truncated_record
-from model_utils import ModelArguments, load_tokenizer
+from data_utils import max_record_chars, prepare_datasets, read_records, truncated_record
+from model_utils import load_tokenizer
+from options import DataArguments, ModelArguments
 from redaction import MASK, mask_secrets, register_secret
 
 SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
@@ -54,7 +56,7 @@ def assert_refused(result: subprocess.CompletedProcess, *named: str) -> str:
 
 def parse(monkeypatch, *args):
     monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), "--model_id", "m", "--train_data", "d", *args])
-    return train.parse_args()
+    return options.parse_args()
 
 
 def problems(monkeypatch, *args) -> list[str]:
@@ -116,17 +118,17 @@ def test_corrupt_or_truncated_safetensors_is_found_from_the_header(tmp_path):
 
 
 def test_precision_problems(monkeypatch):
-    with pytest.raises(train.ArgumentError, match=r"--bf16 true and --fp16 true: pick one"):
+    with pytest.raises(options.ArgumentError, match=r"--bf16 true and --fp16 true: pick one"):
         parse(monkeypatch, "--bf16", "true", "--fp16", "true")
-    with pytest.raises(train.ArgumentError, match=r"--bf16 true needs a GPU with bfloat16.*--use_cpu true"):
+    with pytest.raises(options.ArgumentError, match=r"--bf16 true needs a GPU with bfloat16.*--use_cpu true"):
         parse(monkeypatch, "--bf16", "true")  # this machine has no GPU
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
-    with pytest.raises(train.ArgumentError, match=r"--bf16 true: this CPU has no bfloat16 instructions"):
+    monkeypatch.setattr(options, "cpu_has_bf16", lambda: False)
+    with pytest.raises(options.ArgumentError, match=r"--bf16 true: this CPU has no bfloat16 instructions"):
         parse(monkeypatch, "--bf16", "true", "--use_cpu", "true")
 
 
 def test_transformers_value_errors_become_argument_errors(monkeypatch):
-    with pytest.raises(train.ArgumentError, match=r"invalid options: .*load_best_model_at_end"):
+    with pytest.raises(options.ArgumentError, match=r"invalid options: .*load_best_model_at_end"):
         parse(monkeypatch, "--load_best_model_at_end", "true", "--eval_strategy", "steps", "--save_strategy", "epoch")
 
 

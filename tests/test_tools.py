@@ -11,8 +11,9 @@ from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_utils import DataArguments, read_records
-from model_utils import LoraArguments, ModelArguments, load_tokenizer, peft_option_problems
+from data_utils import read_records
+from model_utils import load_tokenizer, peft_option_problems
+from options import DataArguments, LoraArguments, ModelArguments
 
 SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
 FAST = [

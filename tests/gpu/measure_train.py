@@ -11,7 +11,7 @@ import torch
 TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 
 if __name__ == "__main__":
-    sys.argv[0] = str(TRAIN)  # train.args is read beside sys.argv[0]
+    sys.argv[0] = str(TRAIN)  # as `python train.py` sets it (argparse's prog name)
     sys.path.insert(0, str(TRAIN.parent))
     try:
         runpy.run_path(str(TRAIN), run_name="__main__")
