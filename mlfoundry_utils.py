@@ -1,4 +1,4 @@
-"""Experiment tracking options, and the run's arguments as they may be shown to a tracker or written to disk."""
+"""The run's arguments as they may be shown to a tracker or written to disk, secrets masked."""
 
 import dataclasses
 import json
