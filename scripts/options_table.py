@@ -10,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from huggingface_hub.constants import HF_HOME  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 import options  # noqa: E402
@@ -38,6 +39,7 @@ def table(group, defaults: dict, helps: dict) -> list[str]:
         default = "required" if helps[field.name][1] else defaults[field.name]
         if isinstance(default, list):
             default = " ".join(map(str, default))
+        default = str(default).replace(HF_HOME, "$HF_HOME")  # the same table on every machine
         lines.append(f"| `--{field.name}` | `{cell(default)}` | {cell(helps[field.name][0])} |")
     return lines + [""]
 
