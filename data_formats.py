@@ -3,8 +3,8 @@ into the common row, how the README shows it, which Axolotl dataset `type`s it i
 source's `format` option, the README's table of shapes and the Axolotl `type` translation are all read from FORMATS.
 
 Every shape normalizes to a row of one Arrow schema (EMPTY_ROW); its `kind` (prompt_completion, chat, text or
-tokenized) says how loss_masks.py labels it. To add a shape: add a RecordFormat to FORMATS and its name to
-DETECTION_ORDER, normalizing to one of those kinds, and paste `python -c "import data_formats as f;
+tokenized) says how loss_masks.py labels it. To add a shape: write its normalizer under @record_format (to one of
+those kinds) and put its name in DETECTION_ORDER, and paste `python -c "import data_formats as f;
 print(f.docs_table())"` into the README (tests/test_data_formats.py checks both).
 """
 
@@ -90,23 +90,61 @@ def message_problem(message, index: int) -> str | None:
     return None
 
 
-# Normalization: one function per shape
+# The registry: one entry per shape, each above its normalizer, in the order --data_format, a source's `format` and
+# the README list them.
+
+FORMATS: dict[str, RecordFormat] = {}
 
 
+def record_format(name: str, **entry) -> Callable:
+    """Registers the decorated function as the normalizer of shape `name` (the other RecordFormat fields in `entry`)."""
+
+    def register(normalize: Callable[[dict], dict | str]) -> Callable[[dict], dict | str]:
+        FORMATS[name] = RecordFormat(name=name, normalize=normalize, **entry)
+        return normalize
+
+    return register
+
+
+@record_format(
+    "prompt_completion", keys=("prompt", "completion"), described_as="prompt/completion",
+    example='`{"prompt": "Q: 23 + 45\\nA:", "completion": " 68"}`', trained="the completion + EOS",
+)  # fmt: skip
 def normalize_prompt_completion(record: dict) -> dict | str:
     problem = string_field_problem(record, "prompt") or string_field_problem(record, "completion", non_empty=True)
     return problem or {**EMPTY_ROW, "kind": "prompt_completion", "prompt": record["prompt"],
                        "completion": record["completion"]}  # fmt: skip
 
 
-def chat_row(messages: Any, tools: Any = None) -> dict | str:
-    problem = chat_problem(messages, tools)
-    return problem or {**EMPTY_ROW, "kind": "chat", "messages": json.dumps(messages, ensure_ascii=False),
-                       "tools": json.dumps(tools, ensure_ascii=False) if tools else None}  # fmt: skip
+@record_format(
+    "alpaca", keys=("instruction",), described_as="instruction/output (alpaca)", axolotl_types=("alpaca",),
+    example='`{"instruction": "...", "input": "..." (optional), "output": "..."}`',
+    trained="the output (rendered as a user/assistant chat)",
+)  # fmt: skip
+def normalize_alpaca(record: dict) -> dict | str:
+    problem = (
+        string_field_problem(record, "instruction")
+        or string_field_problem(record, "input", required=False)
+        or string_field_problem(record, "system", required=False)
+        or string_field_problem(record, "output", non_empty=True)
+    )
+    return problem or chat_row(alpaca_messages(record))
 
 
-def normalize_chat(record: dict) -> dict | str:
-    return chat_row(record["messages"], record.get("tools"))
+def alpaca_messages(record: dict) -> list[dict]:
+    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+
+
+@record_format(
+    "sharegpt", keys=("conversations",), described_as="conversations (sharegpt)", axolotl_types=("sharegpt",),
+    example='`{"conversations": [{"from": "system" \\| "human" \\| "gpt", "value": "..."}, ...]}`',
+    trained="every `gpt` turn",
+)  # fmt: skip
+def normalize_sharegpt(record: dict) -> dict | str:
+    messages = sharegpt_messages(record["conversations"])
+    return messages if isinstance(messages, str) else chat_row(messages)
 
 
 def sharegpt_messages(conversations) -> list[dict] | str:
@@ -125,31 +163,34 @@ def sharegpt_messages(conversations) -> list[dict] | str:
     return messages
 
 
-def normalize_sharegpt(record: dict) -> dict | str:
-    messages = sharegpt_messages(record["conversations"])
-    return messages if isinstance(messages, str) else chat_row(messages)
+@record_format(
+    "chat", keys=("messages",), described_as="messages", axolotl_types=("chat_template",),
+    example='`{"messages": [{"role": "system" \\| "user" \\| "assistant" \\| "tool", "content": "..."}, ...]}`',
+    trained="every assistant turn + its end-of-turn token",
+)  # fmt: skip
+def normalize_chat(record: dict) -> dict | str:
+    return chat_row(record["messages"], record.get("tools"))
 
 
-def alpaca_messages(record: dict) -> list[dict]:
-    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-    return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+def chat_row(messages: Any, tools: Any = None) -> dict | str:
+    """The row of a chat (alpaca and sharegpt records become chats too), or why it cannot be one."""
+    problem = chat_problem(messages, tools)
+    return problem or {**EMPTY_ROW, "kind": "chat", "messages": json.dumps(messages, ensure_ascii=False),
+                       "tools": json.dumps(tools, ensure_ascii=False) if tools else None}  # fmt: skip
 
 
-def normalize_alpaca(record: dict) -> dict | str:
-    problem = (
-        string_field_problem(record, "instruction")
-        or string_field_problem(record, "input", required=False)
-        or string_field_problem(record, "system", required=False)
-        or string_field_problem(record, "output", non_empty=True)
-    )
-    return problem or chat_row(alpaca_messages(record))
-
-
+@record_format(
+    "text", keys=("text",), described_as="text", axolotl_types=("completion",), axolotl_field="text",
+    example='`{"text": "..."}`', trained="every token (+ EOS)",
+)  # fmt: skip
 def normalize_text(record: dict) -> dict | str:
     return string_field_problem(record, "text", non_empty=True) or {**EMPTY_ROW, "kind": "text", "text": record["text"]}
 
 
+@record_format(
+    "tokenized", keys=("input_ids",), described_as="input_ids",
+    example='`{"input_ids": [...], "labels": [...] (optional)}`', trained="as given (labels default to input_ids)",
+)  # fmt: skip
 def normalize_tokenized(record: dict) -> dict | str:
     problem = token_list_problem(record, "input_ids")
     if not problem and "labels" in record:
@@ -162,66 +203,6 @@ def normalize_tokenized(record: dict) -> dict | str:
     return problem or {**EMPTY_ROW, "kind": "tokenized", "input_ids": record["input_ids"], "labels": labels}
 
 
-# The registry, in the order --data_format, a source's `format` and the README list the shapes.
-
-FORMATS: dict[str, RecordFormat] = {
-    entry.name: entry
-    for entry in (
-        RecordFormat(
-            name="prompt_completion",
-            keys=("prompt", "completion"),
-            described_as="prompt/completion",
-            normalize=normalize_prompt_completion,
-            example='`{"prompt": "Q: 23 + 45\\nA:", "completion": " 68"}`',
-            trained="the completion + EOS",
-        ),
-        RecordFormat(
-            name="alpaca",
-            keys=("instruction",),
-            described_as="instruction/output (alpaca)",
-            normalize=normalize_alpaca,
-            example='`{"instruction": "...", "input": "..." (optional), "output": "..."}`',
-            trained="the output (rendered as a user/assistant chat)",
-            axolotl_types=("alpaca",),
-        ),
-        RecordFormat(
-            name="sharegpt",
-            keys=("conversations",),
-            described_as="conversations (sharegpt)",
-            normalize=normalize_sharegpt,
-            example='`{"conversations": [{"from": "system" \\| "human" \\| "gpt", "value": "..."}, ...]}`',
-            trained="every `gpt` turn",
-            axolotl_types=("sharegpt",),
-        ),
-        RecordFormat(
-            name="chat",
-            keys=("messages",),
-            described_as="messages",
-            normalize=normalize_chat,
-            example='`{"messages": [{"role": "system" \\| "user" \\| "assistant" \\| "tool", "content": "..."}, ...]}`',
-            trained="every assistant turn + its end-of-turn token",
-            axolotl_types=("chat_template",),
-        ),
-        RecordFormat(
-            name="text",
-            keys=("text",),
-            described_as="text",
-            normalize=normalize_text,
-            example='`{"text": "..."}`',
-            trained="every token (+ EOS)",
-            axolotl_types=("completion",),
-            axolotl_field="text",
-        ),
-        RecordFormat(
-            name="tokenized",
-            keys=("input_ids",),
-            described_as="input_ids",
-            normalize=normalize_tokenized,
-            example='`{"input_ids": [...], "labels": [...] (optional)}`',
-            trained="as given (labels default to input_ids)",
-        ),
-    )
-}
 # A record takes the first of these shapes whose key it holds: structured shapes first (a chat dataset may carry a
 # `prompt` column beside its messages), text last (many datasets keep a text column beside their real fields).
 DETECTION_ORDER = ("chat", "sharegpt", "alpaca", "prompt_completion", "tokenized", "text")
