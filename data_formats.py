@@ -138,9 +138,9 @@ def alpaca_messages(record: dict) -> list[dict]:
 
 
 @record_format(
-    "sharegpt", keys=("conversations",), described_as="conversations (sharegpt)", axolotl_types=("sharegpt",),
+    "sharegpt", keys=("conversations",), described_as="conversations (sharegpt)",
     example='`{"conversations": [{"from": "system" \\| "human" \\| "gpt", "value": "..."}, ...]}`',
-    trained="every `gpt` turn",
+    trained="every `gpt` turn", axolotl_types=("sharegpt",),
 )  # fmt: skip
 def normalize_sharegpt(record: dict) -> dict | str:
     messages = sharegpt_messages(record["conversations"])
@@ -164,9 +164,9 @@ def sharegpt_messages(conversations) -> list[dict] | str:
 
 
 @record_format(
-    "chat", keys=("messages",), described_as="messages", axolotl_types=("chat_template",),
+    "chat", keys=("messages",), described_as="messages", trained="every assistant turn + its end-of-turn token",
     example='`{"messages": [{"role": "system" \\| "user" \\| "assistant" \\| "tool", "content": "..."}, ...]}`',
-    trained="every assistant turn + its end-of-turn token",
+    axolotl_types=("chat_template",),
 )  # fmt: skip
 def normalize_chat(record: dict) -> dict | str:
     return chat_row(record["messages"], record.get("tools"))
