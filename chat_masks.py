@@ -1,13 +1,7 @@
-"""Loss masks: which tokens of a sample carry loss. One home for the masking rule.
+"""Chat loss masks: the text of a chat as its template renders it, and the character spans of it that carry loss.
+loss_masks.py turns the spans into labels (its boundary rule trains the first token of every answer).
 
-Every sample is one text and the character spans of it that are trained. The text is tokenized once, as a whole
-(exactly what the model sees when it is served), and the spans become labels through the fast tokenizer's offsets.
-
-Boundary rule: a token is trained when any of its characters lies inside a trained span. A token that straddles the
-start of an assistant turn (e.g. a SentencePiece piece holding the template's newline and the answer's first word) is
-therefore trained, so the model always learns the first token of its answer and the turn's end-of-turn token.
-
-Chats: the conversation is rendered once by the chat template, and each assistant turn's trained span runs from the
+The conversation is rendered once by the chat template, and each assistant turn's trained span runs from the
 end of the assistant header (where the generation prompt ends) through that turn's end-of-turn token, including
 whatever the template writes inside the turn (think blocks, reasoning_content, a leading space, trimmed content, tool
 calls). The spans are found without assuming that a conversation prefix renders as a prefix of the whole:
@@ -24,17 +18,12 @@ A record the template cannot render, or whose spans cannot be placed exactly, ra
 import json
 import logging
 import re
-from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain
 
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
-
-from packing import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -273,66 +262,3 @@ def turn_end(text: str, last_anchor: int, shape: TemplateShape) -> int:
     if found < 0:
         raise ChatMaskError(f"an assistant turn is not closed by {shape.end_of_turn!r}")
     return found + len(shape.end_of_turn)
-
-
-# Tokens and labels
-
-
-def trained_tokens(encoding, span: Span) -> range:
-    """The tokens that overlap a character span (the boundary rule), from a tokenizers Encoding."""
-    start, end = span
-    first = encoding.char_to_token(start) if start < end else None
-    last = encoding.char_to_token(end - 1) if start < end else None
-    if first is None or last is None:  # a character no token covers (dropped by the normalizer): use the offsets
-        offsets = encoding.offsets
-        ends = [token_end for _, token_end in offsets]
-        starts = [token_start for token_start, _ in offsets]
-        return range(bisect_right(ends, start), bisect_left(starts, end))
-    return range(first, last + 1)
-
-
-def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list:
-    """A tokenizers Encoding (ids, offsets) per text, no special tokens added (templates write BOS themselves). The
-    Rust tokenizer is called directly; the Python wrapper must agree with it on the first texts (the same check
-    guards against a wrapper that post-processes ids)."""
-    if not texts:
-        return []
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise ChatMaskError("loss masks need a fast tokenizer (a tokenizer.json); this tokenizer has none")
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    if [e.ids for e in encodings[:4]] != tokenizer(texts[:4], add_special_tokens=False)["input_ids"]:
-        raise ChatMaskError("the tokenizer's Python wrapper and Rust tokenizer disagree; loss masks need them equal")
-    return encodings
-
-
-@dataclass(frozen=True)
-class TokenizedBatch:
-    """The samples of a batch end to end, as numpy arrays (no per-token Python objects, which the garbage collector
-    would scan again and again): sample i is input_ids[starts[i] : starts[i] + lengths[i]], and the same for labels."""
-
-    lengths: np.ndarray
-    input_ids: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def starts(self) -> np.ndarray:
-        return np.cumsum(self.lengths) - self.lengths
-
-
-def masked_batch(
-    tokenizer: PreTrainedTokenizerBase, samples: list[tuple[str, list[Span]]], train_on_prompt: bool
-) -> TokenizedBatch:
-    """Tokenize every (text, trained spans) pair in one call and label the tokens the spans cover."""
-    encodings = encode_batch(tokenizer, [text for text, _ in samples])
-    ids = [encoding.ids for encoding in encodings]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    input_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    del ids
-    if train_on_prompt:
-        return TokenizedBatch(lengths, input_ids, input_ids.copy())
-    trained = np.zeros(len(input_ids), dtype=bool)
-    for start, encoding, (_, spans) in zip(np.cumsum(lengths) - lengths, encodings, samples, strict=True):
-        for span in spans:
-            tokens = trained_tokens(encoding, span)
-            trained[start + tokens.start : start + tokens.stop] = True
-    return TokenizedBatch(lengths, input_ids, np.where(trained, input_ids, IGNORE_INDEX))

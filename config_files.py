@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from data_formats import FORMATS, axolotl_formats
 from data_mixing import NO_EVAL_DATA, source_entries
 
 logger = logging.getLogger(__name__)
@@ -327,7 +328,6 @@ AXOLOTL_DATASET_KEYS = ("path", "type", "ds_type", "data_files", "split", "name"
                         "field_messages", "message_property_mappings", "message_field_role", "message_field_content",
                         "roles", "roles_to_train", "train_on_eos", "chat_template", "field")  # fmt: skip
 READABLE_DS_TYPES = ("json", "jsonl", "parquet")
-FORMAT_OF_TYPE = {"alpaca": "alpaca", "sharegpt": "sharegpt", "completion": "text", CHAT_TEMPLATE_TYPE: "chat"}
 # Axolotl's chat_template role names when `roles` is not given (prompt_strategies/chat_template.py).
 AXOLOTL_DEFAULT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                          "system": "system", "tool": "tool"}  # fmt: skip
@@ -374,19 +374,22 @@ def translate_location(entry: dict, config: dict) -> dict:
 
 
 def translate_type(entry: dict, config: dict) -> dict:
-    kind = entry.get("type")
+    """An Axolotl dataset `type` as the source's record shape (data_formats.FORMATS says which type is which)."""
+    kind, shapes = entry.get("type"), axolotl_formats()
     if kind is None:
         return {}
-    if kind not in FORMAT_OF_TYPE:
+    if kind not in shapes:
+        types = list(shapes)
         raise Untranslatable(
-            f"type {kind!r}: supported types are alpaca, sharegpt, chat_template and completion (prompt/completion, "
-            "text and tokenized records are detected without a type); convert the records to one of those shapes"
+            f"type {kind!r}: supported types are {', '.join(types[:-1])} and {types[-1]} (without a type, the shape "
+            f"of every record is detected: {', '.join(FORMATS)}); convert the records to one of those shapes"
         )
-    source = {"format": FORMAT_OF_TYPE[kind]}
-    if kind == "completion" and entry.get("field", "text") != "text":
-        source["fields"] = {"text": str(entry["field"])}
-    elif entry.get("field") and kind != "completion":
-        raise Untranslatable(f"field {entry['field']!r} applies to type: completion only")
+    source, field_key = {"format": shapes[kind].name}, shapes[kind].axolotl_field
+    if entry.get("field") and field_key is None:
+        with_field = [name for name, shape in shapes.items() if shape.axolotl_field]
+        raise Untranslatable(f"field {entry['field']!r} applies to type: {' / '.join(with_field)} only")
+    if field_key and entry.get("field", field_key) != field_key:
+        source["fields"] = {field_key: str(entry["field"])}
     template = entry.get("chat_template")
     if template is not None and template != config.get("chat_template", TOKENIZER_TEMPLATES[0]):
         if not (template in TOKENIZER_TEMPLATES and config.get("chat_template") in (None, *TOKENIZER_TEMPLATES)):

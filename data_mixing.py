@@ -17,11 +17,11 @@ from typing import Any
 import datasets
 import numpy as np
 
+from data_formats import RECORD_FORMATS
 from data_sources import DataError, split_local_spec
 from redaction import mask_secrets
 
 NO_EVAL_DATA = "NA"  # --eval_data value: no evaluation sources
-RECORD_FORMATS = ("auto", "prompt_completion", "chat", "alpaca", "sharegpt", "text", "tokenized")
 MIXING_STRATEGIES = ("concat", "weighted")
 SOURCE_OPTIONS = {
     "path": "where the records are: any --train_data form (file, directory, URL, hub id, artifact FQN)",

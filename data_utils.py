@@ -1,27 +1,18 @@
-"""Training data: read every common record shape from any source, validate each record, tokenize with exact loss
-masks, apply the length policy, cache the result, and write a preview of what the model trains on.
-
-Record shapes (detected per record; --data_format forces one):
-  prompt_completion  {"prompt": str, "completion": str}
-  chat               {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]}
-  alpaca             {"instruction": str, "input": str (optional), "output": str}          -> a user/assistant chat
-  sharegpt           {"conversations": [{"from": "system" | "human" | "gpt", "value": str}, ...]}  -> a chat
-  text               {"text": str}                                  (every token trained)
-  tokenized          {"input_ids": [int], "labels": [int] (optional)}  (used as is)
-
-Only completions / assistant turns (each followed by its end-of-turn token) carry labels unless
-`--train_on_prompt true`. Every problem is reported as `location: reason` before any model weight is loaded.
+"""Training data: the pipeline from records to training samples. Read every source, validate and normalize each
+record (its shape: data_formats.py), tokenize with exact loss masks (loss_masks.py), apply the length policy, cache
+the result, and write a preview of what the model trains on. Every problem is reported as `location: reason` before
+any model weight is loaded.
 """
 
+import ast
 import hashlib
-import inspect
 import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +22,7 @@ from datasets import Dataset, load_from_disk
 from datasets.fingerprint import Hasher
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-import chat_masks
-import data_mixing
-from chat_masks import ChatMaskError, TokenizedBatch, chat_text_and_spans, masked_batch
+from data_formats import normalize_record
 from data_mixing import (
     DataSource,
     SourceCounts,
@@ -46,13 +35,12 @@ from data_mixing import (
     weighted_quotas,
 )
 from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records
+from loss_masks import TokenizedBatch, labelled_batch, parse_template_kwargs
 from options import NO_EVAL_DATA, DataArguments
 from packing import IGNORE_INDEX, FlattenedCollator, PackedCollator, pack_dataset
 
 logger = logging.getLogger(__name__)
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 MAX_REPORTED_PROBLEMS = 20
 # Used when the tokenizer has no chat template: ChatML-style turns written as plain text, each closed by the
 # tokenizer's EOS, so no token is added to the vocabulary and the end of every turn is a trainable special token.
@@ -64,170 +52,6 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 PREVIEW_SAMPLES = 5
 TRAINED_SPAN = ("[[", "]]")  # how preview.txt marks the tokens that carry loss
-
-
-# Record shapes: detection, validation, normalisation
-
-# One Arrow schema for every shape, so mixed files make one table. Chats are kept as JSON text: messages may carry
-# tool calls of any structure.
-EMPTY_ROW = {"kind": None, "messages": None, "tools": None, "prompt": None, "completion": None, "text": None,
-             "input_ids": None, "labels": None}  # fmt: skip
-
-
-def detect_format(record: dict) -> str | None:
-    for key, data_format in (
-        ("messages", "chat"),
-        ("conversations", "sharegpt"),
-        ("instruction", "alpaca"),
-        ("prompt", "prompt_completion"),
-        ("completion", "prompt_completion"),
-        ("input_ids", "tokenized"),
-        ("text", "text"),
-    ):
-        if key in record:
-            return data_format
-    return None
-
-
-def string_field_problem(record: dict, key: str, required: bool = True, non_empty: bool = False) -> str | None:
-    if key not in record and not required:
-        return None
-    value = record.get(key)
-    if not isinstance(value, str):
-        return f"'{key}' must be a string, got {type(value).__name__}"
-    if non_empty and not value.strip():
-        return f"'{key}' is empty: there is nothing to train on"
-    return None
-
-
-def chat_problem(messages, tools=None) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list of {'role', 'content'} objects"
-    if tools is not None and (not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools)):
-        return "'tools' must be a list of objects (JSON schemas of the functions)"
-    for index, message in enumerate(messages):
-        problem = message_problem(message, index)
-        if problem:
-            return problem
-    if messages[-1]["role"] != "assistant":
-        return "the chat does not end with an assistant turn"
-    if not any(m.get("content") or m.get("tool_calls") for m in messages if m["role"] == "assistant"):
-        return "no assistant turn has content: there is nothing to train on"
-    return None
-
-
-def message_problem(message, index: int) -> str | None:
-    if not isinstance(message, dict):
-        return f"messages[{index}] must be an object, got {type(message).__name__}"
-    if message.get("role") not in CHAT_ROLES:
-        return f"messages[{index}] has role {message.get('role')!r}; expected one of {', '.join(CHAT_ROLES)}"
-    tool_calls = message.get("tool_calls")
-    calls_ok = isinstance(tool_calls, list) and all(isinstance(call, dict) for call in tool_calls)
-    if tool_calls is not None and (message["role"] != "assistant" or not calls_ok):
-        return f"messages[{index}].tool_calls must be a list of objects, on an assistant message"
-    # An assistant turn that only calls tools may have `content: null` (the OpenAI shape).
-    if not (tool_calls and message.get("content") is None) and not isinstance(message.get("content"), str):
-        return f"messages[{index}].content must be a string, got {type(message.get('content')).__name__}"
-    if message.get("reasoning_content") is not None and not isinstance(message["reasoning_content"], str):
-        return f"messages[{index}].reasoning_content must be a string"
-    return None
-
-
-def sharegpt_messages(conversations) -> list[dict] | str:
-    """The conversation as chat messages, or why it cannot be one."""
-    if not isinstance(conversations, list) or not conversations:
-        return "'conversations' must be a non-empty list of {'from', 'value'} objects"
-    messages = []
-    for index, turn in enumerate(conversations):
-        if not isinstance(turn, dict):
-            return f"conversations[{index}] must be an object, got {type(turn).__name__}"
-        if turn.get("from") not in SHAREGPT_ROLES:
-            return f"conversations[{index}] has from {turn.get('from')!r}; expected one of system, human, gpt"
-        if not isinstance(turn.get("value"), str):
-            return f"conversations[{index}].value must be a string, got {type(turn.get('value')).__name__}"
-        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-    return messages
-
-
-def alpaca_messages(record: dict) -> list[dict]:
-    prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-    return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
-
-
-def token_list_problem(record: dict, key: str) -> str | None:
-    value = record.get(key)
-    if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
-        return f"'{key}' must be a non-empty list of integers"
-    return None
-
-
-def normalize_record(record: Any, data_format: str) -> dict | str:
-    """The record as a row of the common schema, or the reason it is invalid."""
-    if not isinstance(record, dict):
-        return f"expected a JSON object, got {type(record).__name__}"
-    detected = detect_format(record)
-    if detected is None:
-        return (
-            f"unknown record shape with keys {sorted(record)[:10]}: expected prompt/completion, messages, "
-            "instruction/output (alpaca), conversations (sharegpt), text or input_ids"
-        )
-    if data_format != "auto" and detected != data_format:
-        return f"a {detected} record, but --data_format is {data_format}"
-    return NORMALIZERS[detected](record)
-
-
-def normalize_prompt_completion(record: dict) -> dict | str:
-    problem = string_field_problem(record, "prompt") or string_field_problem(record, "completion", non_empty=True)
-    return problem or {**EMPTY_ROW, "kind": "prompt_completion", "prompt": record["prompt"],
-                       "completion": record["completion"]}  # fmt: skip
-
-
-def normalize_chat(messages: Any, tools: Any = None) -> dict | str:
-    problem = chat_problem(messages, tools)
-    return problem or {**EMPTY_ROW, "kind": "chat", "messages": json.dumps(messages, ensure_ascii=False),
-                       "tools": json.dumps(tools, ensure_ascii=False) if tools else None}  # fmt: skip
-
-
-def normalize_sharegpt(record: dict) -> dict | str:
-    messages = sharegpt_messages(record["conversations"])
-    return messages if isinstance(messages, str) else normalize_chat(messages)
-
-
-def normalize_alpaca(record: dict) -> dict | str:
-    problem = (
-        string_field_problem(record, "instruction")
-        or string_field_problem(record, "input", required=False)
-        or string_field_problem(record, "system", required=False)
-        or string_field_problem(record, "output", non_empty=True)
-    )
-    return problem or normalize_chat(alpaca_messages(record))
-
-
-def normalize_text(record: dict) -> dict | str:
-    return string_field_problem(record, "text", non_empty=True) or {**EMPTY_ROW, "kind": "text", "text": record["text"]}
-
-
-def normalize_tokenized(record: dict) -> dict | str:
-    problem = token_list_problem(record, "input_ids")
-    if not problem and "labels" in record:
-        problem = token_list_problem(record, "labels")
-        if not problem and len(record["labels"]) != len(record["input_ids"]):
-            problem = f"'labels' has {len(record['labels'])} tokens but 'input_ids' has {len(record['input_ids'])}"
-        elif not problem and all(label == IGNORE_INDEX for label in record["labels"]):
-            problem = "every label is -100: there is nothing to train on"
-    labels = record.get("labels") or list(record.get("input_ids") or [])
-    return problem or {**EMPTY_ROW, "kind": "tokenized", "input_ids": record["input_ids"], "labels": labels}
-
-
-NORMALIZERS = {
-    "prompt_completion": normalize_prompt_completion,
-    "chat": lambda record: normalize_chat(record["messages"], record.get("tools")),
-    "sharegpt": normalize_sharegpt,
-    "alpaca": normalize_alpaca,
-    "text": normalize_text,
-    "tokenized": normalize_tokenized,
-}
 
 
 # Reading
@@ -530,91 +354,17 @@ def apply_chat_template_option(tokenizer: PreTrainedTokenizerBase, args: DataArg
         tokenizer.chat_template = template
 
 
-# Tokenization with loss masks: each sample is one text and its trained character spans, tokenized once (the masking
-# rule and the chat-template handling live in chat_masks.py).
-
-
-def parse_template_kwargs(value: str | None, where: str) -> dict:
-    """--chat_template_kwargs, or a row's chat_template_kwargs column: a JSON object (or nothing)."""
-    if not value:
-        return {}
-    try:
-        kwargs = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: chat_template_kwargs is not valid JSON ({error}): {value!r}") from None
-    if not isinstance(kwargs, dict):
-        raise DataError(f"{where}: chat_template_kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}'")
-    return kwargs
-
-
-def record_text_and_spans(row: dict, tokenizer: PreTrainedTokenizerBase, bos: str, template_kwargs: dict):
-    """The text the model sees for a record, and the character spans of it that carry loss."""
-    if row["kind"] == "chat":
-        # A row's own kwargs (set per data source) win over --chat_template_kwargs.
-        kwargs = {**template_kwargs, **parse_template_kwargs(row.get("chat_template_kwargs"), row["source"])}
-        tools = json.loads(row["tools"]) if row.get("tools") else None
-        return chat_text_and_spans(tokenizer, json.loads(row["messages"]), tools, kwargs)
-    if row["kind"] == "text":
-        text = bos + row["text"] + tokenizer.eos_token
-        return text, [(0, len(text))]
-    # The prompt (after BOS, when the tokenizer uses one) is context; the completion and EOS are trained.
-    prompt = bos + row["prompt"]
-    text = prompt + row["completion"] + tokenizer.eos_token
-    return text, [(len(prompt), len(text))]
-
-
-def bos_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
-    """The BOS text when the tokenizer adds BOS to plain text (Llama-style), else ''."""
-    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-    return tokenizer.bos_token if adds_bos else ""
-
-
-def token_ids_problem(input_ids: list[int], vocab_size: int) -> str | None:
-    if min(input_ids) < 0 or max(input_ids) >= vocab_size:
-        return (
-            f"'input_ids' holds token ids outside the tokenizer's vocabulary (0..{vocab_size - 1}); "
-            "was it tokenized with another tokenizer?"
-        )
-    return None
+# Tokenization with loss masks (the rules live in loss_masks.py, the chat-template handling in chat_masks.py)
 
 
 def tokenize_batch(
     batch: dict, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool, template_kwargs: dict
 ) -> pa.Table:
-    """Render every record, tokenize the whole batch in one call, and label the trained spans. A record that cannot
-    be rendered or masked gets a `problem` (reported, or dropped with --skip_invalid_samples) and no tokens."""
+    """Label every record of the batch (one tokenizer call); a record that cannot be rendered or masked gets a
+    `problem` (reported, or dropped with --skip_invalid_samples) and no tokens."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    bos = bos_prefix(tokenizer)
-    samples, problems = [], []
-    for row in rows:
-        sample, problem = ("", []), None
-        if row["kind"] == "tokenized":
-            problem = token_ids_problem(row["input_ids"], len(tokenizer))
-        else:
-            try:
-                sample = record_text_and_spans(row, tokenizer, bos, template_kwargs)
-            except ChatMaskError as error:
-                problem = str(error)
-        samples.append(sample)
-        problems.append(problem)
-    tokenized = masked_batch(tokenizer, samples, train_on_prompt)
-    if any(row["kind"] == "tokenized" and not problem for row, problem in zip(rows, problems, strict=True)):
-        tokenized = with_pretokenized(tokenized, rows, problems)
+    tokenized, problems = labelled_batch(rows, tokenizer, train_on_prompt, template_kwargs)
     return token_table(tokenized, [row["source"] for row in rows], problems)
-
-
-def with_pretokenized(tokenized: TokenizedBatch, rows: list[dict], problems: list[str | None]) -> TokenizedBatch:
-    """The batch with the valid pre-tokenized records' own input_ids and labels in their (empty) places."""
-    ids, labels = [], []
-    for row, problem, start, length in zip(rows, problems, tokenized.starts, tokenized.lengths, strict=True):
-        if row["kind"] == "tokenized" and not problem:
-            ids.append(np.asarray(row["input_ids"], dtype=np.int64))
-            labels.append(np.asarray(row["labels"], dtype=np.int64))
-        else:
-            ids.append(tokenized.input_ids[start : start + length])
-            labels.append(tokenized.labels[start : start + length])
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    return TokenizedBatch(lengths, np.concatenate(ids), np.concatenate(labels))
 
 
 def token_table(tokenized: TokenizedBatch, sources: list[str], problems: list[str | None]) -> pa.Table:
@@ -661,7 +411,7 @@ def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args:
             remove_columns=dataset.column_names,
             desc="Tokenizing",
         )
-    except (DataError, ChatMaskError) as error:
+    except DataError as error:
         raise DataError(f"{split} data: {error}") from error
     return without_unmaskable(tokenized, args, split)
 
@@ -828,8 +578,37 @@ CACHE_KEY_OPTIONS = ("train_data", "eval_data", "eval_size", "data_format", "def
                      "long_sequence_strategy", "data_mixing", "data_mix_size")  # fmt: skip
 
 
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+@lru_cache(maxsize=1)
+def token_shaping_modules() -> tuple[str, ...]:
+    """This module and every module of the project it imports, directly or not (record formats, loss masks, chat
+    masks, reading, mixing, packing, ...): all the code that can change the prepared data. Derived from the import
+    statements, so a module added to the pipeline is covered without being listed."""
+    found, pending = set(), [__name__]
+    while pending:
+        name = pending.pop()
+        found.add(name)
+        for node in ast.walk(ast.parse(module_source(name))):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported = [node.module]
+            else:
+                continue
+            tops = {module.partition(".")[0] for module in imported}
+            pending += [top for top in tops - found if (PROJECT_DIR / f"{top}.py").is_file()]
+    return tuple(sorted(found))
+
+
+def module_source(name: str) -> str:
+    return (PROJECT_DIR / f"{name}.py").read_text(encoding="utf-8")
+
+
 def prepared_cache_key(args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int) -> str:
-    """Changes with the data content, the tokenizer and its template, the data options and this module's code."""
+    """Changes with the data content, the tokenizer and its template, the data options and the code that shapes the
+    prepared data (token_shaping_modules)."""
     splits = ("train", "eval") if args.eval_data != NO_EVAL_DATA else ("train",)
     sources = [
         [source.canonical(), [fingerprint_source(spec, source.name) for spec in source_specs(source)]]
@@ -837,7 +616,7 @@ def prepared_cache_key(args: DataArguments, tokenizer: PreTrainedTokenizerBase, 
         for source in args.sources(split)
     ]
     options = {key: value for key, value in asdict(args).items() if key in CACHE_KEY_OPTIONS}
-    code = inspect.getsource(sys.modules[__name__]) + inspect.getsource(chat_masks) + inspect.getsource(data_mixing)
+    code = {name: hashlib.sha256(module_source(name).encode()).hexdigest() for name in token_shaping_modules()}
     parts = [sources, options, max_length, seed, Hasher.hash(tokenizer), tokenizer.chat_template, code]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 

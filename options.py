@@ -35,7 +35,8 @@ from config_files import (
     report_untranslated,
     split_config_file,
 )
-from data_mixing import MIXING_STRATEGIES, NO_EVAL_DATA, RECORD_FORMATS, DataSource, parse_sources
+from data_formats import RECORD_FORMATS
+from data_mixing import MIXING_STRATEGIES, NO_EVAL_DATA, DataSource, parse_sources
 from data_sources import DataError
 
 TRAIN_ARGS_FILE = Path(__file__).with_name("train.args")
