@@ -11,9 +11,10 @@ from options import LoraArguments
 def engine_problems(lora_args: LoraArguments, training_args: TrainingArguments) -> list[str]:
     """Engine combinations that would fail late or silently train differently than asked."""
     problems = launch_env_problems(training_args)
-    if problems:  # the checks below read the same environment values
+    try:
+        fsdp, stage = fsdp_enabled(training_args), zero_stage(training_args)
+    except ValueError:  # an unreadable value, reported above
         return problems
-    fsdp = fsdp_enabled(training_args)
     if training_args.deepspeed and fsdp:
         problems.append("--deepspeed and FSDP are both set: pick one engine.")
     if training_args.deepspeed and env_flag(USE_CPU_ENV):
@@ -31,7 +32,7 @@ def engine_problems(lora_args: LoraArguments, training_args: TrainingArguments) 
             "FSDP needs GPUs: accelerate's FSDP plugin requires an accelerator device and stops with 'no available "
             "devices found' on CPU. Use DDP (--use_ddp true --use_cpu true) or DeepSpeed on CPU."
         )
-    if lora_args.use_qlora and lora_args.qlora_bit_length == 8 and (zero_stage(training_args) == 3 or fsdp):
+    if lora_args.use_qlora and lora_args.qlora_bit_length == 8 and (stage == 3 or fsdp):
         problems.append(
             "--qlora_bit_length 8 cannot be sharded by ZeRO-3 / FSDP (bitsandbytes 8-bit weights have no storage "
             "dtype option); use --qlora_bit_length 4, or ZeRO-2 / DDP."
