@@ -4,7 +4,7 @@ accelerate skips. Which engine runs is read in launch_env.py; the memory estimat
 import torch
 from transformers import TrainingArguments
 
-from launch_env import USE_CPU_ENV, env_flag, fsdp_enabled, launch_env_problems, zero_stage
+from launch_env import USE_CPU_ENV, deepspeed_config, env_flag, fsdp_enabled, launch_env_problems, zero_stage
 from options import LoraArguments
 
 
@@ -15,14 +15,15 @@ def engine_problems(lora_args: LoraArguments, training_args: TrainingArguments) 
         fsdp, stage = fsdp_enabled(training_args), zero_stage(training_args)
     except ValueError:  # an unreadable value, reported above
         return problems
-    if training_args.deepspeed and fsdp:
+    deepspeed = deepspeed_config(training_args) is not None  # --deepspeed, or accelerate launch --use_deepspeed
+    if deepspeed and fsdp:
         problems.append("--deepspeed and FSDP are both set: pick one engine.")
-    if training_args.deepspeed and env_flag(USE_CPU_ENV):
+    if deepspeed and env_flag(USE_CPU_ENV):
         problems.append(
             "--deepspeed under `accelerate launch --cpu`: accelerate then drops DeepSpeed silently and trains plain "
             "DDP. Launch with `accelerate launch --use_deepspeed --num_processes N` and pass --use_cpu true instead."
         )
-    if training_args.deepspeed and training_args.auto_find_batch_size:
+    if deepspeed and training_args.auto_find_batch_size:
         problems.append(
             "--auto_find_batch_size is not supported with --deepspeed: the DeepSpeed engine fixes its batch size at "
             "start. Drop it and set --per_device_train_batch_size (the memory estimate printed at start helps)."

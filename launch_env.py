@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from accelerate.utils import convert_file_size_to_int, get_int_from_env, parse_flag_from_env, str_to_bool
+from accelerate.utils import convert_file_size_to_int, get_int_from_env, parse_flag_from_env
 from accelerate.utils.constants import FSDP_SHARDING_STRATEGY
 
 if TYPE_CHECKING:
@@ -84,10 +84,10 @@ class Engine:
         return self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage == 3)
 
 
-def env_flag(name: str) -> bool:
+def env_flag(name: str, default: bool = False) -> bool:
     """A boolean environment variable as accelerate reads it (1/true/yes/on, 0/false/no/off, any case)."""
     try:
-        return parse_flag_from_env(name)
+        return parse_flag_from_env(name, default)
     except ValueError:
         raise ValueError(
             f"{name}={os.environ[name]!r} is not a truth value: accelerate reads true/false (also 1/0, yes/no, on/off)."
@@ -105,7 +105,7 @@ def deepspeed_config(training_args: TrainingArguments) -> HfDeepSpeedConfig | No
     ("auto" values filled), or the one accelerate's DeepSpeedPlugin builds from `accelerate launch --use_deepspeed`
     alone. Not transformers' is_deepspeed_zero3_enabled(): that reads a process-global which without_zero3_init
     clears while the memory estimate builds its meta-device model."""
-    plugin = getattr(training_args, "deepspeed_plugin", None)
+    plugin = training_args.deepspeed_plugin
     return plugin.hf_ds_config if plugin is not None else None
 
 
@@ -123,6 +123,13 @@ def fsdp_sharding(name: str) -> str:
     raise ValueError(f"FSDP_SHARDING_STRATEGY={name!r}: expected one of {', '.join(FSDP_SHARDING_STRATEGY)} or 1-5.")
 
 
+def fsdp_version_from_env() -> int:
+    value = os.environ.get("FSDP_VERSION", "1")
+    if value not in ("1", "2"):
+        raise ValueError(f"FSDP_VERSION={value!r}: expected 1 or 2 (fsdp_version in the accelerate config file).")
+    return int(value)
+
+
 def fsdp_engine(training_args: TrainingArguments, world_size: int) -> Engine:
     """FSDP as accelerate's FullyShardedDataParallelPlugin sets it up (its __post_init__): the plugin arguments
     transformers derives from --fsdp / --fsdp_config come first, the FSDP_* variables fill what they leave unset.
@@ -130,11 +137,11 @@ def fsdp_engine(training_args: TrainingArguments, world_size: int) -> Engine:
     accelerate_configs set both) it asks the accelerator for its current device, which fails on CPU and initialises
     CUDA on GPU 0 in every process, and it writes FSDP_CPU_RAM_EFFICIENT_LOADING into the environment."""
     plugin_args = training_args.fsdp_plugin_args or {}
-    version = int(plugin_args.get("fsdp_version") or os.environ.get("FSDP_VERSION", "1"))
+    version = plugin_args.get("fsdp_version") or fsdp_version_from_env()
     if version == 2:
         reshard = plugin_args.get("reshard_after_forward")
         if reshard is None:
-            reshard = str_to_bool(os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower(), to_bool=True)
+            reshard = env_flag("FSDP_RESHARD_AFTER_FORWARD", default=True)
         sharding = "FULL_SHARD" if reshard else "SHARD_GRAD_OP"  # parameters kept gathered from forward to backward
     else:
         # FSDP1 prefers sharding_strategy, which the plugin always reads from the environment, over the
@@ -187,7 +194,7 @@ def launch_env_problems(training_args: TrainingArguments) -> list[str]:
         except ValueError as error:
             problems.append(str(error))
     value = os.environ.get(USE_FSDP_ENV, "")
-    if not problems and not training_args.fsdp and env_flag(USE_FSDP_ENV) and value != ACCELERATE_FSDP_VALUE:
+    if not problems and not training_args.fsdp and env_flag(USE_FSDP_ENV) and value.lower() != ACCELERATE_FSDP_VALUE:
         problems.append(
             f"{USE_FSDP_ENV}={value}: accelerate turns FSDP on only for the value 'true' (transformers reads any "
             "truth value), so the model would be loaded for FSDP and then trained without it. Set "

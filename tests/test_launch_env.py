@@ -96,11 +96,19 @@ def test_fsdp_values_accelerate_would_not_honour_are_refused(tmp_path, monkeypat
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "1")
     problems = engine_problems(LoraArguments(), training_args(tmp_path))
     assert "ACCELERATE_USE_FSDP=1: accelerate turns FSDP on only for the value 'true'" in problems[0]
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` writes
-    assert not any("ACCELERATE_USE_FSDP" in p for p in engine_problems(LoraArguments(), training_args(tmp_path)))
-    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "ZERO_SHARD")
-    problems = engine_problems(LoraArguments(), training_args(tmp_path))
-    assert "FSDP_SHARDING_STRATEGY='ZERO_SHARD': expected one of FULL_SHARD" in problems[0]
+    for value in ("true", "True"):  # `accelerate launch` writes "true"; accelerate compares in lower case
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+        assert not any("ACCELERATE_USE_FSDP" in p for p in engine_problems(LoraArguments(), training_args(tmp_path)))
+    for name, value, message in (
+        ("FSDP_SHARDING_STRATEGY", "ZERO_SHARD", "expected one of FULL_SHARD"),
+        ("FSDP_VERSION", "3", "expected 1 or 2"),
+        ("FSDP_RESHARD_AFTER_FORWARD", "sometimes", "is not a truth value"),
+    ):
+        monkeypatch.setenv("FSDP_VERSION", "2" if name == "FSDP_RESHARD_AFTER_FORWARD" else "1")
+        monkeypatch.setenv(name, value)
+        problems = engine_problems(LoraArguments(), training_args(tmp_path))
+        assert f"{name}={value!r}: {message}" in problems[0] or f"{name}={value!r} {message}" in problems[0]
+        monkeypatch.delenv(name)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "maybe")
     problems = engine_problems(LoraArguments(), training_args(tmp_path))
     assert len(problems) == 1 and "ACCELERATE_USE_FSDP='maybe' is not a truth value" in problems[0], problems
