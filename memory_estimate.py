@@ -25,8 +25,6 @@ from launch_env import (
     weights_dtype,
 )
 from model_utils import (
-    LoraArguments,
-    ModelArguments,
     ModelLoadError,
     is_fused_experts,
     lora_dropout,
@@ -34,6 +32,7 @@ from model_utils import (
     quantizable_linears,
     without_zero3_init,
 )
+from options import LoraArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from launch_env import (
     qlora_weight_dtype,
 )
 from memory_estimate import MemoryLimitError, check_memory_fits, model_shape
-from model_utils import LoraArguments, ModelArguments, quantization_config
+from model_utils import quantization_config
+from options import LoraArguments, ModelArguments
 
 DEEPSPEED_CONFIGS = sorted((REPO / "deepspeed_configs").glob("*.json"))
 TINY = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
