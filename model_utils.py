@@ -1,15 +1,14 @@
-"""Tokenizer and model: loading (full / LoRA / DoRA / IA3, optionally on a quantized base), adapter targets, memory
-limits, the final save and merge, and generation from a saved model."""
+"""Tokenizer and model: loading (full / LoRA / DoRA / IA3, optionally on a quantized base, placed as the engine in
+launch_env.py says), attention selection, adapter targets, the final save and merge, and generation from a saved
+model."""
 
 import json
 import logging
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
 import torch
-from accelerate.utils import convert_file_size_to_int
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import get_session
@@ -25,20 +24,27 @@ from transformers import (
     PreTrainedTokenizerBase,
     TrainingArguments,
 )
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import CONFIG_NAME, is_flash_attn_2_available
 
 from data_utils import IGNORE_INDEX
+from launch_env import (
+    compute_dtype,
+    engine_places_weights,
+    parse_memory_size,
+    qlora_weight_dtype,
+    quant_storage_dtype,
+    uses_cuda,
+    weights_dtype,
+)
 from options import AUTO_TARGET_MODULES, LoraArguments, ModelArguments
 from packing import VARLEN, loaded_attention, varlen_available
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PAD_TOKEN = "<pad>"
-MEMORY_LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
 ADAPTER_SUBDIR = "adapter"
 SAMPLES_FILE = "samples.jsonl"
 HUB_PROBE_TIMEOUT_S = 5
@@ -127,28 +133,6 @@ def model_max_positions(config: PretrainedConfig) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
-    if training_args.bf16:
-        return torch.bfloat16
-    if training_args.fp16:
-        return torch.float16
-    return torch.float32
-
-
-def weights_dtype(training_args: TrainingArguments, lora_args: LoraArguments) -> torch.dtype:
-    """Frozen bases load in the compute dtype; a fully trained model keeps fp32 weights under fp16 mixed precision
-    because the fp16 grad scaler cannot unscale fp16 gradients."""
-    if training_args.fp16 and not lora_args.use_peft:
-        return torch.float32
-    return compute_dtype(training_args)
-
-
-def shards_weights(training_args: TrainingArguments) -> bool:
-    """DeepSpeed ZeRO-3 or FSDP: the engine places (and partitions) the weights, not from_pretrained."""
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
-    return fsdp or (bool(training_args.deepspeed) and is_deepspeed_zero3_enabled())
-
-
 def quantization_config(lora_args: LoraArguments, training_args: TrainingArguments) -> BitsAndBytesConfig | None:
     if not lora_args.use_qlora:
         return None
@@ -159,17 +143,11 @@ def quantization_config(lora_args: LoraArguments, training_args: TrainingArgumen
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype(training_args),
-        # ZeRO-3 and FSDP shard tensors of one dtype: the packed 4-bit weights are stored in the weights' dtype
-        # (https://huggingface.co/docs/peft/accelerate/fsdp#use-peft-qlora-and-fsdp-for-finetuning-large-models).
-        bnb_4bit_quant_storage=weights_dtype(training_args, lora_args) if shards_weights(training_args) else None,
+        bnb_4bit_quant_storage=quant_storage_dtype(training_args, lora_args),
     )
 
 
 FLASH_KERNELS = ("flash_attention_2", VARLEN)  # 16-bit only
-
-
-def uses_cuda(training_args: TrainingArguments) -> bool:
-    return torch.cuda.is_available() and not training_args.use_cpu
 
 
 def attention_problems(model_args: ModelArguments, training_args: TrainingArguments, packing: bool) -> list[str]:
@@ -242,7 +220,7 @@ def supports_packing(config: PretrainedConfig) -> bool:
 def device_map(training_args: TrainingArguments) -> dict | str | None:
     """One process on several GPUs spreads the layers over them ('auto'), so bigger models fit; under DDP each
     process keeps a whole copy on its own GPU. On CPU the Trainer places the model, under ZeRO-3 / FSDP the engine."""
-    if not torch.cuda.is_available() or shards_weights(training_args):
+    if not uses_cuda(training_args) or engine_places_weights(training_args):
         return None
     if training_args.world_size == 1 and torch.cuda.device_count() > 1:
         return "auto"
@@ -294,23 +272,6 @@ def keep_cpu_inference_packing_off(model: PreTrainedModel) -> None:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-def is_norm(module: torch.nn.Module) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
-def qlora_weight_dtype(module: torch.nn.Module, training_args: TrainingArguments) -> torch.dtype:
-    """The QLoRA dtype policy: the dtype a frozen, unquantized weight of `module` is kept in (the adapters PEFT adds
-    are fp32; the quantized linears compute in the compute dtype).
-
-    Norms stay in fp32 for stability, except under ZeRO-3 / FSDP, which flatten each layer's weights into one tensor
-    of a single dtype (the 4-bit weights are stored in the compute dtype there). Everything else - embeddings, output
-    head, MoE routers and the fused experts bitsandbytes cannot quantize - is kept in the compute dtype: in fp32 the
-    residual stream would run in fp32 (TRL's peft_module_casting_to_bf16 does the same)."""
-    if is_norm(module) and not shards_weights(training_args):
-        return torch.float32
-    return compute_dtype(training_args)
 
 
 def is_quantized(param: torch.Tensor) -> bool:
@@ -447,49 +408,6 @@ def peft_config(lora_args: LoraArguments, model: torch.nn.Module) -> PeftConfig:
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )
-
-
-def parse_memory_limit(value: str) -> float:
-    """A fraction of the device (0 < x <= 1) or a number of MiB (> 1)."""
-    try:
-        limit = float(value)
-    except ValueError:
-        limit = 0.0
-    if limit <= 0:
-        raise ValueError(f"{MEMORY_LIMIT_ENV}={value!r}: expected a fraction in (0, 1] or a number of MiB.")
-    return limit
-
-
-def parse_memory_size(value: str) -> int:
-    """Bytes from '70GiB', '20000MB', ... or a plain number of MiB."""
-    try:
-        return int(float(value) * 2**20)
-    except ValueError:
-        pass
-    try:
-        return convert_file_size_to_int(value)
-    except ValueError as error:
-        raise ValueError(f"--max_memory_per_device {value!r}: expected e.g. 70GiB, 20000MB or a number of MiB.") from (
-            error
-        )
-
-
-def apply_memory_limit(training_args: TrainingArguments) -> None:
-    """Honour TORCH_PER_PROCESS_MEMORY_LIMIT on this process's GPU."""
-    value = os.environ.get(MEMORY_LIMIT_ENV)
-    if not value:
-        return
-    limit = parse_memory_limit(value)
-    if not torch.cuda.is_available():
-        logger.info("%s=%s is ignored: no GPU.", MEMORY_LIMIT_ENV, value)
-        return
-    device = training_args.local_process_index
-    total_mib = torch.cuda.get_device_properties(device).total_memory / 2**20
-    fraction = limit if limit <= 1 else limit / total_mib
-    if fraction > 1:
-        raise ValueError(f"{MEMORY_LIMIT_ENV}={value} MiB is more than the {total_mib:.0f} MiB of GPU {device}.")
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
-    logger.info("GPU %d memory limited to %.0f%% (%.0f MiB).", device, fraction * 100, fraction * total_mib)
 
 
 def load_adapter_model(

@@ -38,6 +38,7 @@ from config_files import (
 from data_formats import RECORD_FORMATS
 from data_mixing import MIXING_STRATEGIES, NO_EVAL_DATA, DataSource, parse_sources
 from data_sources import DataError
+from launch_env import launched_processes
 
 TRAIN_ARGS_FILE = Path(__file__).with_name("train.args")
 AUTO_TARGET_MODULES = "auto"  # --lora_target_modules: every linear layer but the output head
@@ -590,7 +591,7 @@ def option_problems(data_args, lora_args, training_args) -> list[str]:
             "--enable_jit_checkpoint: this script handles SIGTERM itself (a complete checkpoint after the current "
             "step, exit code 143); drop the flag."
         )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     if launched > 1 and training_args.world_size == 1:
         problems.append(
             f"{launched} processes were launched, but without a GPU each would train its own unsynchronised copy "

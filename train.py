@@ -70,13 +70,14 @@ from data_utils import (
     training_columns,
     write_prepared_data,
 )
-from engine_utils import check_memory_fits, engine_problems, init_deepspeed_comm
+from engine_utils import engine_problems, init_deepspeed_comm
 from evaluation import AnswerAccuracyTrainer, accuracy_options, log_answer_accuracy
+from launch_env import apply_memory_limit
+from memory_estimate import check_memory_fits
 from mlfoundry_utils import save_run_arguments
 from model_utils import (
     ModelLoadError,
     answer_sample_prompts,
-    apply_memory_limit,
     attention_implementation,
     attention_problems,
     load_model,

@@ -10,17 +10,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import options
 import train
-from engine_utils import (
-    GIB,
-    Engine,
-    MemoryLimitError,
-    check_memory_fits,
-    detect_engine,
-    engine_problems,
-    estimate_memory,
-    model_shape,
-)
-from model_utils import ModelLoadError, parse_memory_size, peft_config
+from engine_utils import engine_problems
+from launch_env import GIB, Engine, detect_engine, parse_memory_size
+from memory_estimate import MemoryLimitError, check_memory_fits, estimate_memory, model_shape
+from model_utils import ModelLoadError, peft_config
 from options import LoraArguments, ModelArguments
 
 DEEPSPEED_CONFIGS = sorted((REPO / "deepspeed_configs").glob("*.json"))

@@ -4,10 +4,10 @@ import pytest
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
+from launch_env import parse_memory_limit
 from model_utils import (
     load_tokenizer,
     lora_target_names,
-    parse_memory_limit,
     parse_target_modules,
     peft_config,
     resize_embeddings_for_tokenizer,

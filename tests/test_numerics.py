@@ -10,7 +10,7 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainingArguments, set_seed
 
-from engine_utils import model_shape
+from memory_estimate import model_shape
 from model_utils import load_model, peft_config, quantization_config
 from options import LoraArguments, ModelArguments
 
