@@ -1,33 +1,42 @@
 """Preemption and resume through the real entry point, checkpoint completeness, clean-up safety and watchdogs."""
 
-import json
-import os
+import math
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO, launch_command, run_train
-from transformers import TrainerState
+from conftest import (
+    FAST,
+    SAMPLE_CHAT,
+    assert_same_step_losses,
+    interrupt,
+    launch_command,
+    run_compared,
+    run_python_train,
+    step_losses,
+    trainer_in_process,
+)
+from transformers import TrainerControl, TrainerState
 
 import checkpoint_utils
-from checkpoint_utils import COMPLETE_MARKER, OUTPUT_DIR_MARKER, OutputDirError, cleanup_output_dir, refusal_to_delete
+import train
+from checkpoint_utils import (
+    COMPLETE_MARKER,
+    OUTPUT_DIR_MARKER,
+    WATCHDOG_EXIT_CODE,
+    LossWatchdogCallback,
+    OutputDirError,
+    cleanup_output_dir,
+    refusal_to_delete,
+)
 
-SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
 METHODS = {"full": [], "lora": ["--use_lora", "true"], "qlora": ["--use_qlora", "true"]}
 RUN = [
-    "--max_steps", "40", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
-    "--max_num_samples", "400", "--max_length", "128", "--learning_rate", "0.003", "--logging_steps", "1",
-    "--save_strategy", "steps", "--save_steps", "5", "--eval_strategy", "no", "--eval_size", "0",
-    "--report_to", "none", "--dataloader_num_workers", "0",
+    *FAST, "--max_steps", "20", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+    "--max_num_samples", "400", "--learning_rate", "0.003", "--logging_steps", "1", "--save_strategy", "steps",
+    "--save_steps", "5", "--dataloader_num_workers", "0",
 ]  # fmt: skip
-
-
-def step_losses(output_dir: Path) -> dict[int, float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
 def train_args(model, output_dir, method, *extra) -> list[str]:
@@ -35,56 +44,20 @@ def train_args(model, output_dir, method, *extra) -> list[str]:
             *METHODS[method], *RUN, *extra]  # fmt: skip
 
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-       "OMP_NUM_THREADS": "1"}  # fmt: skip
-# How the single-process launchers run it, so that a signal reaches the trainer. Runs compared step by step share
-# one entry point and one thread count: the float reduction order, and so the losses, depend on them.
-PYTHON_TRAIN = [sys.executable, str(REPO / "train.py")]
 DDP_TRAIN = launch_command(num_processes=2)
 DDP = ["--use_ddp", "true", "--use_cpu", "true", "--per_device_train_batch_size", "4"]
-
-
-def train(args: list[str], command: list[str] = PYTHON_TRAIN) -> subprocess.CompletedProcess:
-    return subprocess.run([*command, *args], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
-
-
-def interrupt(
-    args: list[str], after_step: int, signals: list[signal.Signals], command: list[str] = PYTHON_TRAIN
-) -> tuple[int, str]:
-    """Run the training command; once `after_step` has been logged send the first signal, and each further one
-    once the trainer has acknowledged the previous ("Received SIGTERM"). Return the exit code and the output."""
-    process = subprocess.Popen(
-        [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO
-    )
-    output, logged_steps, sent = [], 0, 0
-    for line in process.stdout:
-        output.append(line)
-        logged_steps += line.count("'loss': ")
-        due = logged_steps >= after_step if sent == 0 else f"Received {signals[sent - 1].name}" in line
-        if due:
-            process.send_signal(signals[sent])
-            sent += 1
-            if sent == len(signals):
-                break
-    output.append(process.communicate(timeout=300)[0])
-    return process.returncode, "".join(output)
-
-
-def assert_same_losses(resumed: dict[int, float], expected: dict[int, float]) -> None:
-    assert sorted(resumed) == sorted(expected)
-    for step, loss in expected.items():
-        assert resumed[step] == pytest.approx(loss, abs=1e-5), (step, resumed[step], loss)
 
 
 @pytest.fixture(scope="module", params=list(METHODS))
 def uninterrupted(request, tiny_llama, tmp_path_factory):
     method = request.param
     out = tmp_path_factory.mktemp(f"uninterrupted-{method}")
-    result = train(train_args(tiny_llama, out, method))
+    result = run_compared(train_args(tiny_llama, out, method))
     assert result.returncode == 0, result.stderr[-3000:]
     return method, step_losses(out), out
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_a_complete_checkpoint_and_resume_matches(uninterrupted, tiny_llama, tmp_path):
     method, expected, _ = uninterrupted
     out = tmp_path / "run"
@@ -94,7 +67,7 @@ def test_sigterm_saves_a_complete_checkpoint_and_resume_matches(uninterrupted, t
     checkpoints = checkpoint_utils.checkpoint_dirs(str(out))
     assert checkpoints and all((c / COMPLETE_MARKER).is_file() for c in checkpoints)
     stopped_at = int(checkpoints[-1].name.split("-")[1])
-    assert stopped_at < 40
+    assert stopped_at < 20
     assert not (out / "config.json").exists()  # no final model from an interrupted run
 
     # A save killed half-way looks like this: it must be ignored, then removed.
@@ -102,15 +75,16 @@ def test_sigterm_saves_a_complete_checkpoint_and_resume_matches(uninterrupted, t
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half written")
 
-    result = train(train_args(tiny_llama, out, method, "--resume_from_checkpoint", "true"))
+    result = run_compared(train_args(tiny_llama, out, method, "--resume_from_checkpoint", "true"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming from {checkpoints[-1]}" in result.stdout + result.stderr
     assert "Removing incomplete checkpoint" in result.stdout + result.stderr
-    assert_same_losses(step_losses(out), expected)
+    assert_same_step_losses(step_losses(out), expected)
     assert not checkpoint_utils.checkpoint_dirs(str(out))  # removed after success (--keep_checkpoints false)
     assert (out / "config.json").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("uninterrupted", ["full"], indirect=True)  # one method is enough; SIGTERM covers all three
 def test_kill_9_after_a_checkpoint_resumes_exactly(uninterrupted, tiny_llama, tmp_path):
     method, expected, _ = uninterrupted
@@ -118,17 +92,18 @@ def test_kill_9_after_a_checkpoint_resumes_exactly(uninterrupted, tiny_llama, tm
     code, _ = interrupt(train_args(tiny_llama, out, method), 12, [signal.SIGKILL])
     assert code == -signal.SIGKILL
     assert any((c / COMPLETE_MARKER).is_file() for c in checkpoint_utils.checkpoint_dirs(str(out)))
-    result = train(
+    result = run_compared(
         train_args(tiny_llama, out, method, "--resume_from_checkpoint", "true", "--keep_checkpoints", "true")
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_losses(step_losses(out), expected)
+    assert_same_step_losses(step_losses(out), expected)
     # --keep_checkpoints true keeps them, rotated to the newest --save_total_limit (2 in train.args).
-    assert [c.name for c in checkpoint_utils.checkpoint_dirs(str(out))] == ["checkpoint-35", "checkpoint-40"]
+    assert [c.name for c in checkpoint_utils.checkpoint_dirs(str(out))] == ["checkpoint-15", "checkpoint-20"]
 
 
+@pytest.mark.e2e
 def test_ddp_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tiny_llama, tmp_path):
-    expected_run = train(train_args(tiny_llama, tmp_path / "uninterrupted", "lora", *DDP), DDP_TRAIN)
+    expected_run = run_compared(train_args(tiny_llama, tmp_path / "uninterrupted", "lora", *DDP), DDP_TRAIN)
     assert expected_run.returncode == 0, expected_run.stderr[-3000:]
     out = tmp_path / "run"
     # The launcher (torch elastic agent) passes SIGTERM on to both ranks.
@@ -138,9 +113,9 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tiny_llama
     assert checkpoints and all(checkpoint_utils.is_complete(c) for c in checkpoints)
     # Both ranks stopped after the same step and name the same checkpoint.
     assert output.count(f"Preempted by SIGTERM: the complete checkpoint {checkpoints[-1]} ") == 2, output[-3000:]
-    resumed = train(train_args(tiny_llama, out, "lora", *DDP, "--resume_from_checkpoint", "true"), DDP_TRAIN)
+    resumed = run_compared(train_args(tiny_llama, out, "lora", *DDP, "--resume_from_checkpoint", "true"), DDP_TRAIN)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_losses(step_losses(out), step_losses(tmp_path / "uninterrupted"))
+    assert_same_step_losses(step_losses(out), step_losses(tmp_path / "uninterrupted"))
 
 
 def test_resume_true_without_checkpoint_starts_fresh(tmp_path):
@@ -178,35 +153,64 @@ def test_old_checkpoints_are_rotated_only_after_the_new_one_is_complete(tmp_path
 
 
 def test_early_stopping_stops_when_eval_loss_stalls(tiny_llama, tmp_path):
-    out = tmp_path / "early"
-    args = train_args(tiny_llama, out, "full", "--eval_size", "40", "--eval_strategy", "steps", "--eval_steps", "2",
-                      "--early_stopping_patience", "2", "--early_stopping_threshold", "100",
-                      "--save_strategy", "no")  # fmt: skip
-    result = run_train(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 6  # best at the first eval (step 2), then two evals without a 100-nat gain
+    trainer = trainer_in_process(tiny_llama, tmp_path, num_samples=120, eval_size=40, max_steps=20,
+                                 learning_rate=0.003, eval_strategy="steps", eval_steps=2, early_stopping_patience=2,
+                                 early_stopping_threshold=100)  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 6  # best at the first eval (step 2), then two evals without a 100-nat gain
+    assert [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry] == [2, 4, 6]
 
 
-def test_loss_watchdog_threshold_stops_and_keeps_the_last_good_checkpoint(tiny_llama, tmp_path):
-    out = tmp_path / "watchdog"
-    args = train_args(tiny_llama, out, "full", "--loss_watchdog_threshold", "0.01", "--loss_watchdog_patience", "3",
-                      "--save_steps", "1")  # fmt: skip
-    result = run_train(*args)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "Loss watchdog stopped training" in output and "for 3 logging steps" in output
-    assert "Traceback" not in output
-    assert [c.name for c in checkpoint_utils.checkpoint_dirs(str(out))] == ["checkpoint-1", "checkpoint-2"]
-    assert not (out / "config.json").exists()
+def watchdog_steps(watchdog: LossWatchdogCallback, losses: list[float]) -> list[TrainerControl]:
+    """The callback's answer to each logged loss, one logging step each."""
+    controls = []
+    for step, loss in enumerate(losses, 1):
+        controls.append(TrainerControl(should_save=True))
+        watchdog.on_log(None, SimpleNamespace(global_step=step), controls[-1], logs={"loss": loss})
+    return controls
 
 
-def test_loss_watchdog_catches_nan(tiny_llama, tmp_path):
+def test_loss_watchdog_counts_consecutive_steps_above_the_threshold():
+    watchdog = LossWatchdogCallback(threshold=1.0, patience=3)
+    controls = watchdog_steps(watchdog, [2.0, 3.0, 0.5, 2.0, 2.0, 1.5])  # the good step at 3 resets the count
+    assert [c.should_training_stop for c in controls] == [False] * 5 + [True]
+    assert [c.should_save for c in controls] == [True] * 5 + [False]  # the bad step is not saved
+    assert watchdog.reason == (
+        "the training loss stayed above --loss_watchdog_threshold 1.0 for 3 logging steps (last: 1.5000 at step 6)"
+    )
+    assert not watchdog_steps(LossWatchdogCallback(None, 3), [1e6] * 5)[-1].should_training_stop  # no threshold
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_loss_watchdog_stops_at_the_first_non_finite_loss(bad):
+    watchdog = LossWatchdogCallback(threshold=None, patience=3)
+    controls = watchdog_steps(watchdog, [2.0, bad])
+    assert [(c.should_training_stop, c.should_save) for c in controls] == [(False, True), (True, False)]
+    assert watchdog.reason == f"the training loss is {bad} at step 2"
+
+
+def test_loss_watchdog_in_the_trainer_keeps_the_last_good_checkpoint(tiny_llama, tmp_path):
+    """The Trainer asks the callback after logging and before saving the same step: the bad step is never saved."""
+    watchdog = LossWatchdogCallback(threshold=0.01, patience=3)
+    trainer = trainer_in_process(tiny_llama, tmp_path, callbacks=[watchdog], max_steps=20, save_strategy="steps",
+                                 save_steps=1)  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 3 and "for 3 logging steps" in watchdog.reason
+    assert [c.name for c in checkpoint_utils.checkpoint_dirs(str(tmp_path))] == ["checkpoint-1", "checkpoint-2"]
+    assert all(checkpoint_utils.is_complete(c) for c in checkpoint_utils.checkpoint_dirs(str(tmp_path)))
+    with pytest.raises(train.TrainingStopped, match="Loss watchdog stopped training: the training loss stayed above"):
+        train.raise_if_stopped_early(SimpleNamespace(received=None), watchdog)
+
+
+@pytest.mark.e2e
+def test_loss_watchdog_catches_nan_and_the_run_exits_with_one_message(tiny_llama, tmp_path):
     out = tmp_path / "nan"
-    result = run_train(*train_args(tiny_llama, out, "full", "--learning_rate", "1e9", "--max_grad_norm", "0"))
+    result = run_python_train(*train_args(tiny_llama, out, "full", "--learning_rate", "1e9", "--max_grad_norm", "0"))
     output = result.stdout + result.stderr
-    assert result.returncode != 0
+    assert result.returncode == WATCHDOG_EXIT_CODE, output[-3000:]
     assert "Loss watchdog stopped training: the training loss is nan" in output or "loss is inf" in output
+    assert "Traceback" not in output
+    assert not (out / "config.json").exists()  # no final model
 
 
 # Clean-up guard: every refusal, in temporary directories only.

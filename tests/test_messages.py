@@ -39,9 +39,13 @@ def test_an_unreachable_hub_is_reported_within_seconds(monkeypatch):
     assert time.perf_counter() - started < 5
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("model_id", "message"),
-    [("sample_data/no-such-model", "no such directory"), ("some-org/not-cached", "cannot reach the Hugging Face Hub")],
+    [
+        ("sample_data/no-such-model", "--model_id sample_data/no-such-model: no such directory"),
+        ("some-org/not-cached", "cannot reach the Hugging Face Hub"),
+    ],
 )
 def test_train_py_exits_2_without_a_traceback(tmp_path, model_id, message):
     """`python train.py`: accelerate launch turns every failure into exit code 1."""

@@ -3,8 +3,6 @@
 import functools
 import runpy
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,9 +10,21 @@ import numpy as np
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
-from conftest import REPO, logged_losses, run_train
+from conftest import (
+    FAST,
+    REPO,
+    SAMPLE_CHAT,
+    assert_ok,
+    assert_refused,
+    assert_same_step_losses,
+    interrupt,
+    logged_losses,
+    run_compared,
+    run_python_train,
+    step_losses,
+    train_ok,
+)
 from datasets import Dataset
-from test_checkpoints import assert_same_losses, interrupt, step_losses, train
 from torch.utils.data import BatchSampler, RandomSampler
 from transformers import (
     AttentionInterface,
@@ -46,8 +56,6 @@ from packing import (
     split_rows_to_multiple,
     training_attention,
 )
-
-SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
 
 
 def samples(lengths: list[int]) -> Dataset:
@@ -123,16 +131,15 @@ def test_unpacked_eval_rows_use_the_padding_collator(tiny_llama):
     assert packed.column_names == ["input_ids", "labels", "position_ids"]
 
 
+@pytest.mark.e2e
 def test_packed_qlora_run_trains(tiny_llama, tmp_path):
     out = tmp_path / "packed-qlora"
-    result = run_train(
-        "--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
+    result = train_ok(
+        "--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out), *FAST,
         "--sample_packing", "true", "--use_qlora", "true", "--learning_rate", "0.005",
-        "--max_steps", "20", "--per_device_train_batch_size", "4", "--max_num_samples", "200", "--max_length", "128",
-        "--logging_steps", "4", "--save_strategy", "no", "--eval_strategy", "steps", "--eval_steps", "10",
-        "--eval_size", "0.1", "--report_to", "none", "--warmup_steps", "0",
+        "--max_steps", "20", "--per_device_train_batch_size", "4", "--max_num_samples", "200",
+        "--logging_steps", "4", "--eval_strategy", "steps", "--eval_steps", "10", "--eval_size", "0.1",
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "packing efficiency" in result.stdout + result.stderr
     losses = logged_losses(out)
     assert len(losses) >= 4, losses
@@ -164,11 +171,11 @@ def test_each_packed_sample_reaches_exactly_one_process_per_epoch(processes, bat
 
 
 PACKED_RUN = [
-    "--sample_packing", "true", "--max_num_samples", "240", "--max_length", "128", "--learning_rate", "0.003",
-    "--max_steps", "10", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3",
-    "--eval_strategy", "no", "--eval_size", "0", "--report_to", "none", "--dataloader_num_workers", "0",
-    "--warmup_steps", "0",
+    *FAST, "--sample_packing", "true", "--max_num_samples", "240", "--learning_rate", "0.003", "--max_steps", "10",
+    "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3", "--dataloader_num_workers", "0",
 ]  # fmt: skip
+ONE_BATCH = ["--per_device_train_batch_size", "4"]
+ACCUMULATED = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
 
 
 def packed_args(model, output_dir, *extra) -> list[str]:
@@ -176,43 +183,42 @@ def packed_args(model, output_dir, *extra) -> list[str]:
             *extra]  # fmt: skip
 
 
-def test_gradient_accumulation_optimises_the_same_loss(tiny_llama, tmp_path):
+@pytest.fixture(scope="module")
+def accumulated_run(tiny_llama, tmp_path_factory) -> Path:
+    """2 x 2 accumulated rows per optimizer step, uninterrupted: the reference of two tests below."""
+    out = tmp_path_factory.mktemp("packed") / "b2x2"
+    assert_ok(run_compared(packed_args(tiny_llama, out, *ACCUMULATED)))
+    return out
+
+
+@pytest.mark.e2e
+def test_gradient_accumulation_optimises_the_same_loss(tiny_llama, tmp_path, accumulated_run):
     """Loss is the mean over the trained tokens of the whole optimizer step: 2 x 2 accumulated rows train like 4."""
-    one_batch = train(packed_args(tiny_llama, tmp_path / "b4", "--per_device_train_batch_size", "4"))
-    assert one_batch.returncode == 0, one_batch.stderr[-3000:]
-    accumulated = train(
-        packed_args(tiny_llama, tmp_path / "b2x2", "--per_device_train_batch_size", "2",
-                    "--gradient_accumulation_steps", "2")
-    )  # fmt: skip
-    assert accumulated.returncode == 0, accumulated.stderr[-3000:]
-    expected, losses = step_losses(tmp_path / "b4"), step_losses(tmp_path / "b2x2")
+    assert_ok(run_compared(packed_args(tiny_llama, tmp_path / "b4", *ONE_BATCH)))
+    expected, losses = step_losses(tmp_path / "b4"), step_losses(accumulated_run)
     assert sorted(losses) == sorted(expected) == list(range(1, 11))
-    for step, loss in expected.items():
-        assert losses[step] == pytest.approx(loss, abs=1e-4), (step, losses[step], loss)
+    assert_same_step_losses(losses, expected, abs_tolerance=1e-4)
     assert expected[10] < expected[1]
 
 
-def test_packed_lora_run_resumes_exactly_after_sigterm(tiny_llama, tmp_path):
-    lora = ["--use_lora", "true", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
-    reference = train(packed_args(tiny_llama, tmp_path / "reference", *lora))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+@pytest.mark.e2e
+def test_packed_run_resumes_exactly_after_sigterm(tiny_llama, tmp_path, accumulated_run):
     out = tmp_path / "run"
-    code, output = interrupt(packed_args(tiny_llama, out, *lora), 4, [signal.SIGTERM])
+    code, output = interrupt(packed_args(tiny_llama, out, *ACCUMULATED), 4, [signal.SIGTERM])
     assert code == 143, output[-3000:]
-    resumed = train(packed_args(tiny_llama, out, *lora, "--resume_from_checkpoint", "true"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = assert_ok(run_compared(packed_args(tiny_llama, out, *ACCUMULATED, "--resume_from_checkpoint", "true")))
     assert "Resuming from" in resumed.stdout + resumed.stderr
-    assert_same_losses(step_losses(out), step_losses(tmp_path / "reference"))
+    assert_same_step_losses(step_losses(out), step_losses(accumulated_run))
 
 
+@pytest.mark.e2e
 def test_packed_ddp_run_trains_on_two_processes(tiny_llama, tmp_path):
     out = tmp_path / "ddp"
-    result = run_train(
+    train_ok(
         *packed_args(tiny_llama, out, "--use_ddp", "true", "--use_cpu", "true", "--use_lora", "true",
                      "--per_device_train_batch_size", "2", "--learning_rate", "0.01"),
         num_processes=2,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     losses = logged_losses(out)
     assert len(losses) == 10 and losses[-1] < 0.8 * losses[0], losses
 
@@ -393,15 +399,14 @@ def test_packed_sdpa_gradients_equal_the_samples_alone():
 def refused(tmp_path, *flags: str, model: Path | str = "unused/model") -> str:
     """`python train.py` with these flags: exit 2, no traceback, nothing created; returns the output."""
     out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "train.py"), "--model_id", str(model), "--train_data", SAMPLE_CHAT,
-               "--output_dir", str(out), "--report_to", "none", *flags]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-3000:]
-    assert "Traceback" not in output and not out.exists()
+    result = run_python_train("--model_id", str(model), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
+                              "--report_to", "none", *flags)  # fmt: skip
+    output = assert_refused(result)
+    assert not out.exists()
     return output
 
 
+@pytest.mark.e2e
 def test_combinations_that_cannot_run_or_would_leak_are_refused_before_loading(tmp_path):
     """Argument problems are all reported together, before the model config is even read (the model id is bogus)."""
     output = refused(
@@ -411,6 +416,7 @@ def test_combinations_that_cannot_run_or_would_leak_are_refused_before_loading(t
     assert "--use_cache true with --sample_packing true" in output and "samples attend to each other" in output
 
 
+@pytest.mark.e2e
 def test_packing_is_refused_for_a_model_that_ignores_the_boundaries(tmp_path):
     """Mamba's recurrent layers carry state from one packed sample into the next: refused from its config alone."""
     mamba = tmp_path / "mamba"

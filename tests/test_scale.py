@@ -3,22 +3,31 @@ log the loss of one process on the same global batch; only the main process writ
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, launch_command, logged_losses, run_train
+from conftest import (
+    FAST,
+    REPO,
+    RUN_ENV,
+    SAMPLE_CHAT,
+    assert_ok,
+    free_port,
+    launch_command,
+    logged_losses,
+    run_command,
+    train_ok,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
+pytestmark = pytest.mark.e2e
 # Full fine-tune in fp32 without dropout: every engine computes the same update, so the losses must agree.
-FAST = [
-    "--train_data", SAMPLE_CHAT, "--max_steps", "6", "--max_num_samples", "48", "--max_length", "128",
-    "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no", "--eval_size", "0",
-    "--report_to", "none", "--warmup_steps", "0", "--learning_rate", "0.003",
+SIX_STEPS = [
+    "--train_data", SAMPLE_CHAT, *FAST, "--max_steps", "6", "--max_num_samples", "48", "--logging_steps", "1",
+    "--learning_rate", "0.003",
 ]  # fmt: skip
 TWO_PROCESSES = ["--use_cpu", "true", "--per_device_train_batch_size", "2"]
 
@@ -30,18 +39,13 @@ def deepspeed_launch_command() -> list[str]:
 
 
 def run(command: list[str], *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+    return assert_ok(run_command(command, *args))
 
 
 @pytest.fixture(scope="module")
 def single_process_losses(tiny_llama, tmp_path_factory) -> list[float]:
     out = tmp_path_factory.mktemp("single")
-    result = run_train("--model_id", str(tiny_llama), "--output_dir", str(out), *FAST,
-                       "--per_device_train_batch_size", "4")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_ok("--model_id", str(tiny_llama), "--output_dir", str(out), *SIX_STEPS, "--per_device_train_batch_size", "4")
     return logged_losses(out)
 
 
@@ -53,7 +57,7 @@ def assert_same_losses(losses: list[float], expected: list[float]) -> None:
 
 def test_ddp_logs_the_single_process_loss_of_the_same_global_batch(tiny_llama, tmp_path, single_process_losses):
     out = tmp_path / "ddp"
-    run(launch_command(num_processes=2), "--model_id", str(tiny_llama), "--output_dir", str(out), *FAST,
+    run(launch_command(num_processes=2), "--model_id", str(tiny_llama), "--output_dir", str(out), *SIX_STEPS,
         *TWO_PROCESSES, "--use_ddp", "true")  # fmt: skip
     assert_same_losses(logged_losses(out), single_process_losses)
     assert list(out.glob("*.safetensors")) and (out / "run_args.json").exists()
@@ -61,7 +65,7 @@ def test_ddp_logs_the_single_process_loss_of_the_same_global_batch(tiny_llama, t
 
 def test_deepspeed_zero2_full_finetune_matches_one_process(tiny_llama, tmp_path, single_process_losses):
     out = tmp_path / "zero2"
-    result = run(deepspeed_launch_command(), "--model_id", str(tiny_llama), "--output_dir", str(out), *FAST,
+    result = run(deepspeed_launch_command(), "--model_id", str(tiny_llama), "--output_dir", str(out), *SIX_STEPS,
                  *TWO_PROCESSES, "--deepspeed", str(REPO / "deepspeed_configs" / "3_ds_z2_config.json"))  # fmt: skip
     assert "Estimated peak memory per device (DeepSpeed ZeRO-2, 2 processes; full fine-tune" in result.stdout
     assert_same_losses(logged_losses(out), single_process_losses)
@@ -72,7 +76,7 @@ def test_deepspeed_zero3_qlora_saves_a_trained_adapter_and_a_merged_model(tiny_l
     """ZeRO-3 partitions the 4-bit weights (stored as fp32 through bnb_4bit_quant_storage); the saved adapter must
     hold the trained values, not the empty partitions of rank 0."""
     out = tmp_path / "zero3-qlora"
-    result = run(deepspeed_launch_command(), "--model_id", str(tiny_llama), "--output_dir", str(out), *FAST,
+    result = run(deepspeed_launch_command(), "--model_id", str(tiny_llama), "--output_dir", str(out), *SIX_STEPS,
                  *TWO_PROCESSES, "--use_qlora", "true", "--learning_rate", "0.005", "--sample_generations", "2",
                  "--deepspeed", str(REPO / "deepspeed_configs" / "5_ds_z3_config.json"))  # fmt: skip
     assert "DeepSpeed ZeRO-3, 2 processes; QLoRA" in result.stdout
@@ -88,22 +92,17 @@ def test_deepspeed_zero3_qlora_saves_a_trained_adapter_and_a_merged_model(tiny_l
     assert len(samples) == 2 and all(sample["prompt"] and sample["reference"] for sample in samples)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_machines_train_as_one_run(tiny_llama, tmp_path, single_process_losses):
     """Two `accelerate launch --num_machines 2` on 127.0.0.1, one process each: machine 0 hosts the rendezvous."""
     out, port = tmp_path / "two-machines", free_port()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **RUN_ENV}
 
     def machine_command(rank: int) -> list[str]:
         launch = ["--quiet", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
                   "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
                   "--dynamo_backend", "no"]  # fmt: skip
-        train = ["--model_id", str(tiny_llama), "--output_dir", str(out), *FAST, *TWO_PROCESSES, "--use_ddp", "true"]
+        train = ["--model_id", str(tiny_llama), "--output_dir", str(out), *SIX_STEPS, *TWO_PROCESSES,
+                 "--use_ddp", "true"]  # fmt: skip
         return [sys.executable, "-m", "accelerate.commands.launch", *launch, str(REPO / "train.py"), *train]
 
     machines = [

@@ -6,35 +6,35 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_train, write_jsonl
-from peft import PeftConfig, PeftModel
+from conftest import (
+    FAST,
+    REPO,
+    SAMPLE_CHAT,
+    assert_merged_is_base_plus_adapter,
+    train_ok,
+    trainer_in_process,
+    write_jsonl,
+)
+from peft import PeftConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_utils import read_records
-from model_utils import load_tokenizer, peft_option_problems
+from model_utils import load_tokenizer, peft_option_problems, save_trained_model, write_final_model
 from options import DataArguments, LoraArguments, ModelArguments
 
-SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
-FAST = [
-    "--train_data", SAMPLE_CHAT, "--max_steps", "12", "--per_device_train_batch_size", "8", "--max_num_samples",
-    "200", "--max_length", "128", "--logging_steps", "4", "--save_strategy", "no", "--eval_strategy", "no",
-    "--eval_size", "0", "--report_to", "none", "--warmup_steps", "0", "--learning_rate", "0.005",
-]  # fmt: skip
 PROMPTS = ["What is 12 + 7?", "Please add 3 and 4."]
 TOKENS = 8
-
-
-def train_ok(tiny_llama, output_dir, *args):
-    result = run_train("--model_id", str(tiny_llama), "--output_dir", str(output_dir), *FAST, *args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return output_dir
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_llama, tmp_path_factory):
     """A LoRA run: the merged model in the directory, the adapter in adapter/."""
-    return train_ok(tiny_llama, tmp_path_factory.mktemp("runs") / "lora", "--use_lora", "true")
+    output_dir = tmp_path_factory.mktemp("runs") / "lora"
+    train_ok("--model_id", str(tiny_llama), "--output_dir", str(output_dir), "--train_data", SAMPLE_CHAT, *FAST,
+             "--max_steps", "12", "--per_device_train_batch_size", "8", "--max_num_samples", "200",
+             "--logging_steps", "4", "--learning_rate", "0.005", "--use_lora", "true")  # fmt: skip
+    return output_dir
 
 
 def run_script(name: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -61,6 +61,7 @@ def generate_from_stdin(model_dir) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+@pytest.mark.e2e
 def test_generate_answers_prompts_from_stdin(lora_run):
     merged = generate_from_stdin(lora_run)
     assert [answer["prompt"] for answer in merged] == PROMPTS
@@ -70,6 +71,7 @@ def test_generate_answers_prompts_from_stdin(lora_run):
     assert generate_from_stdin(lora_run / "adapter") == merged
 
 
+@pytest.mark.e2e
 def test_merge_script_matches_the_training_runs_merge(lora_run, tmp_path):
     out = tmp_path / "merged"
     run_script("merge_adapter.py", str(lora_run / "adapter"), "--output_dir", str(out))
@@ -83,27 +85,23 @@ def test_merge_script_matches_the_training_runs_merge(lora_run, tmp_path):
     assert refused.returncode != 0 and "not empty" in refused.stderr
 
 
-def assert_merged_matches_adapter(output_dir, tiny_llama):
-    ids = torch.tensor([[1, 5, 17, 42, 99, 3]])
-    merged = AutoModelForCausalLM.from_pretrained(output_dir).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), output_dir / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, adapted.eval()(ids).logits, atol=1e-4, rtol=1e-4)
-        with adapted.disable_adapter():
-            assert (merged(ids).logits - adapted(ids).logits).abs().max() > 1e-3  # training changed the model
-
-
-def test_dora_trains_and_merges(tiny_llama, tmp_path):
-    out = train_ok(tiny_llama, tmp_path / "dora", "--use_lora", "true", "--use_dora", "true")
-    assert PeftConfig.from_pretrained(out / "adapter").use_dora is True
-    assert_merged_matches_adapter(out, tiny_llama)
-
-
-def test_ia3_trains_and_merges(tiny_llama, tmp_path):
-    out = train_ok(tiny_llama, tmp_path / "ia3", "--use_lora", "true", "--peft_method", "ia3")
-    config = PeftConfig.from_pretrained(out / "adapter")
-    assert config.peft_type == "IA3" and set(config.target_modules) == {"k_proj", "v_proj", "down_proj"}
-    assert_merged_matches_adapter(out, tiny_llama)
+@pytest.mark.parametrize(
+    "lora_args",
+    [LoraArguments(use_lora=True, use_dora=True), LoraArguments(use_lora=True, peft_method="ia3")],
+    ids=["dora", "ia3"],
+)
+def test_adapter_variants_train_and_merge(tiny_llama, tmp_path, lora_args):
+    """train.py's Trainer, save and merge, in this process: the merged model is the base with the trained adapter."""
+    trainer = trainer_in_process(tiny_llama, tmp_path, lora_args, max_steps=4)
+    trainer.train()
+    save_trained_model(trainer, lora_args)
+    write_final_model(ModelArguments(str(tiny_llama)), lora_args, trainer.processing_class, trainer.args)
+    config = PeftConfig.from_pretrained(tmp_path / "adapter")
+    if lora_args.use_dora:
+        assert config.peft_type == "LORA" and config.use_dora is True
+    else:
+        assert config.peft_type == "IA3" and set(config.target_modules) == {"k_proj", "v_proj", "down_proj"}
+    assert_merged_is_base_plus_adapter(tmp_path, tiny_llama)
 
 
 def test_adapter_option_problems():

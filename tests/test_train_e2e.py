@@ -4,26 +4,24 @@ import json
 import random
 
 import pytest
-import torch
-from conftest import REPO, logged_losses, run_train, write_jsonl
+from conftest import (
+    FAST,
+    SAMPLE_CHAT,
+    assert_merged_is_base_plus_adapter,
+    logged_losses,
+    run_train,
+    train_ok,
+    write_jsonl,
+)
 from datasets import load_from_disk
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from checkpoint_utils import OUTPUT_DIR_MARKER
 
-SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
-FAST = [
-    "--max_steps", "40", "--per_device_train_batch_size", "8", "--max_num_samples", "320", "--max_length", "128",
-    "--logging_steps", "5", "--save_strategy", "no", "--eval_strategy", "no", "--eval_size", "0",
-    "--report_to", "none", "--warmup_steps", "0",
-]  # fmt: skip
-
-
-def train_ok(*args: str):
-    result = run_train(*args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+pytestmark = pytest.mark.e2e
+# Enough steps that the loss falls well below where it started.
+TRAINED = [*FAST, "--max_steps", "40", "--per_device_train_batch_size", "8", "--max_num_samples", "320",
+           "--logging_steps", "5"]  # fmt: skip
 
 
 def assert_loss_falls(output_dir, factor: float):
@@ -47,7 +45,7 @@ def generate(model_dir, user: str = "What is 12 + 7?") -> str:
 def test_full_finetune(tiny_llama, tmp_path):
     out = tmp_path / "full"
     train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
-             "--learning_rate", "0.003", *FAST)  # fmt: skip
+             "--learning_rate", "0.003", *TRAINED)  # fmt: skip
     assert_loss_falls(out, 0.6)
     generate(out)
     saved_args = json.loads((out / "run_args.json").read_text())
@@ -60,23 +58,16 @@ def test_full_finetune(tiny_llama, tmp_path):
 def test_lora_merged_model_matches_base_plus_adapter(tiny_llama, tmp_path):
     out = tmp_path / "lora"
     train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
-             "--use_lora", "true", "--learning_rate", "0.005", *FAST)  # fmt: skip
+             "--use_lora", "true", "--learning_rate", "0.005", *TRAINED)  # fmt: skip
     assert_loss_falls(out, 0.7)
-    ids = torch.tensor([[1, 5, 17, 42, 99, 3]])
-    merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
-        with adapted.disable_adapter():
-            assert (merged(ids).logits - adapted(ids).logits).abs().max() > 1e-2  # training changed the model
+    assert_merged_is_base_plus_adapter(out, tiny_llama, trained_at_least=1e-2)
     generate(out)
 
 
 def test_qlora_4bit(tiny_llama, tmp_path):
     out = tmp_path / "qlora"
     train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
-             "--use_qlora", "true", "--qlora_bit_length", "4", "--learning_rate", "0.005", *FAST)  # fmt: skip
+             "--use_qlora", "true", "--qlora_bit_length", "4", "--learning_rate", "0.005", *TRAINED)  # fmt: skip
     assert_loss_falls(out, 0.7)
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert {name.rsplit(".", 1)[-1] for name in adapter_config["target_modules"]} >= {"q_proj", "down_proj"}
@@ -104,7 +95,7 @@ def test_qlora_on_another_architecture_and_dataset(tiny_gpt2, tmp_path):
     data = write_jsonl(tmp_path / "reverse.jsonl", reverse_word_chats(320))
     out = tmp_path / "gpt2-qlora"
     train_ok("--model_id", str(tiny_gpt2), "--train_data", str(data), "--output_dir", str(out),
-             "--use_qlora", "true", "--learning_rate", "0.005", *FAST)  # fmt: skip
+             "--use_qlora", "true", "--learning_rate", "0.005", *TRAINED)  # fmt: skip
     assert_loss_falls(out, 0.7)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token
@@ -116,48 +107,22 @@ def test_qlora_on_another_architecture_and_dataset(tiny_gpt2, tmp_path):
 
 def test_merge_adapters_false_keeps_only_the_adapter(tiny_llama, tmp_path):
     out = tmp_path / "adapter-only"
-    fast = [*FAST]
-    fast[fast.index("--max_steps") + 1] = "5"
     train_ok("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out),
-             "--use_lora", "true", "--merge_adapters", "false", *fast)  # fmt: skip
+             "--use_lora", "true", "--merge_adapters", "false", *TRAINED, "--max_steps", "5")  # fmt: skip
     assert (out / "adapter_config.json").exists()
     assert not (out / "config.json").exists()
     assert (out / "trainer_state.json").exists()
 
 
-@pytest.mark.parametrize(
-    ("lines", "message"),
-    [
-        (['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": "d"}', "not json"],
-         "train.jsonl:3: invalid JSON"),
-        ([], "train.jsonl: the file holds no records"),
-        (['{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}'],
-         "train.jsonl:1: messages[0].content must be a string"),
-        (None, "does not exist"),
-    ],
-)  # fmt: skip
-def test_bad_data_stops_cleanly_before_the_output_dir(tiny_llama, tmp_path, lines, message):
-    data = tmp_path / "train.jsonl"
-    if lines is not None:
-        write_jsonl(data, lines)
+def test_bad_data_stops_cleanly_before_the_output_dir(tiny_llama, tmp_path):
+    """One data error through the entry point: every DataError takes this path, and test_data.py /
+    test_data_sources.py check each message (invalid JSON, no records, a wrong field type, a missing file)."""
+    data = write_jsonl(tmp_path / "train.jsonl", ['{"prompt": "a", "completion": "b"}', "not json"])
     out = tmp_path / "out"
     result = run_train("--model_id", str(tiny_llama), "--train_data", str(data), "--output_dir", str(out))
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert message in output
-    assert "Traceback" not in output
-    assert not out.exists()
-
-
-def test_unknown_model_id_is_a_clear_message(tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
-    out = tmp_path / "out"
-    result = run_train(
-        "--model_id", str(tmp_path / "no-such-model"), "--train_data", str(data), "--output_dir", str(out)
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "--model_id" in output and "no-such-model" in output
+    assert "train.jsonl:2: invalid JSON" in output
     assert "Traceback" not in output
     assert not out.exists()
 
