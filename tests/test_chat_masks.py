@@ -333,6 +333,7 @@ def test_a_rows_template_kwargs_win_over_the_flag(tmp_path):
                          Dataset.from_list(rows), None, 4096)  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_train_py_reports_unrenderable_records_by_line_before_loading_the_model(tiny_llama, tmp_path):
     from conftest import run_train
 

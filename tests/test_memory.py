@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, run_train
+from conftest import REPO, SAMPLE_CHAT, run_train
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -140,9 +140,10 @@ def test_an_estimate_over_the_limit_stops_before_loading(tmp_path):
     assert fits.total < 40 * GIB
 
 
+@pytest.mark.e2e
 def test_memory_limit_stops_the_run_before_the_output_dir(tiny_llama, tmp_path):
     out = tmp_path / "out"
-    result = run_train("--model_id", str(tiny_llama), "--train_data", str(REPO / "sample_data" / "chat.jsonl"),
+    result = run_train("--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT,
                        "--output_dir", str(out), "--max_memory_per_device", "1", "--max_length", "128")  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
@@ -197,7 +198,7 @@ def test_auto_find_batch_size_halves_the_batch_on_out_of_memory(tiny_llama, tmp_
     from options import DataArguments
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    data_args = DataArguments(train_data=str(REPO / "sample_data" / "chat.jsonl"), max_num_samples=16, eval_size=0,
+    data_args = DataArguments(train_data=SAMPLE_CHAT, max_num_samples=16, eval_size=0,
                               data_cache_dir="none")  # fmt: skip
     train_dataset, _ = load_prepared_datasets(data_args, tokenizer, 128, 42)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)

@@ -2,11 +2,10 @@
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import PYTHON_TRAIN, REPO, SAMPLE_CHAT
 
 import model_utils
 from model_utils import ModelLoadError, load_model_config, looks_like_local_path
@@ -52,8 +51,8 @@ def test_train_py_exits_2_without_a_traceback(tmp_path, model_id, message):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update({"HF_ENDPOINT": UNREACHABLE_HUB, "TOKENIZERS_PARALLELISM": "false"})
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--model_id", model_id,
-         "--train_data", str(REPO / "sample_data" / "chat.jsonl"), "--output_dir", str(tmp_path / "out")],
+        [*PYTHON_TRAIN, "--model_id", model_id,
+         "--train_data", SAMPLE_CHAT, "--output_dir", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
     )  # fmt: skip
     output = result.stdout + result.stderr

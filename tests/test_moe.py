@@ -3,8 +3,8 @@ default options, the merged model checked against base + adapter."""
 
 import pytest
 import torch
-from conftest import REPO, run_train
-from peft import PeftModel, get_peft_model
+from conftest import FAST, SAMPLE_CHAT, assert_merged_is_base_plus_adapter, run_train
+from peft import get_peft_model
 from test_numerics import RELATIVE_TOLERANCE, relative_differences, tokenized_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen3MoeConfig
 
@@ -54,22 +54,15 @@ def test_moe_gradients_after_an_eval_pass_equal_the_dequantized_fp32_reference(t
     assert differences[worst] <= RELATIVE_TOLERANCE, f"{worst}: relative difference {differences[worst]:.2e}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["--use_lora", "--use_qlora"])
 def test_moe_trains_with_default_options_and_the_merged_model_loads(tiny_moe, tmp_path, method):
     out = tmp_path / "out"
-    result = run_train("--model_id", str(tiny_moe), "--train_data", str(REPO / "sample_data" / "chat.jsonl"),
-                       "--output_dir", str(out), method, "true", "--max_steps", "2", "--max_num_samples", "16",
-                       "--max_length", "128", "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no",
-                       "--eval_size", "0")  # fmt: skip
+    result = run_train("--model_id", str(tiny_moe), "--train_data", SAMPLE_CHAT, "--output_dir", str(out), method,
+                       "true", *FAST, "--max_steps", "2", "--max_num_samples", "16")  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     assert "Traceback" not in output
     assert "--lora_dropout 0.05 is not applied" in output
     assert ("fused expert weights" in output) == (method == "--use_qlora")
-    ids = torch.tensor([[1, 5, 17, 42, 99, 3]])
-    merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_moe), out / "adapter").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
-        with adapted.disable_adapter():
-            assert (merged(ids).logits - adapted(ids).logits).abs().max() > 1e-3  # training changed the model
+    assert_merged_is_base_plus_adapter(out, tiny_moe)

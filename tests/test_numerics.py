@@ -5,7 +5,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
-from conftest import REPO, logged_losses, run_train
+from conftest import FAST, SAMPLE_CHAT, SAMPLE_CHAT_EVAL, logged_losses, train_ok
 from peft import get_peft_model, prepare_model_for_kbit_training
 from peft.utils.other import fsdp_auto_wrap_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainingArguments, set_seed
@@ -130,14 +130,13 @@ def test_negative_control_without_the_fix_an_eval_pass_breaks_qlora_gradients(ti
 # Dropout 0 here too: every DataLoader iterator draws its seed from the global RNG, so an evaluation shifts the
 # dropout masks of the steps after it (different samples of the same training, not different gradients).
 RUN = [
-    "--train_data", str(REPO / "sample_data" / "chat.jsonl"), "--max_steps", "20", "--per_device_train_batch_size", "4",
-    "--max_num_samples", "80", "--max_length", "128", "--learning_rate", "0.005", "--logging_steps", "1",
-    "--save_strategy", "no", "--report_to", "none", "--warmup_steps", "0", "--merge_adapters", "false",
+    "--train_data", SAMPLE_CHAT, *FAST, "--max_steps", "10", "--per_device_train_batch_size", "4",
+    "--max_num_samples", "40", "--learning_rate", "0.005", "--logging_steps", "1", "--merge_adapters", "false",
     "--lora_dropout", "0",
 ]  # fmt: skip
-EVALUATED = ["--eval_data", str(REPO / "sample_data" / "chat_eval.jsonl"), "--eval_strategy", "steps",
-             "--eval_steps", "5", "--eval_on_start", "true"]  # fmt: skip
-NOT_EVALUATED = ["--eval_strategy", "no", "--eval_size", "0"]
+# Evaluations before the first step and between steps 5 and 6 (RUN, from FAST, evaluates nothing).
+EVALUATED = ["--eval_data", SAMPLE_CHAT_EVAL, "--eval_strategy", "steps", "--eval_steps", "5",
+             "--eval_on_start", "true"]  # fmt: skip
 
 
 def write_dequantized_copy(model_dir, output_dir):
@@ -158,19 +157,19 @@ def write_dequantized_copy(model_dir, output_dir):
 
 def losses_of_run(tmp_path, name: str, *args: str) -> list[float]:
     output_dir = tmp_path / name
-    result = run_train("--output_dir", str(output_dir), *RUN, *args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    result = train_ok("--output_dir", str(output_dir), *RUN, *args)
     assert "silently incorrect" not in result.stdout + result.stderr
     return logged_losses(output_dir)
 
 
+@pytest.mark.e2e
 def test_qlora_losses_do_not_depend_on_evaluation_and_match_lora_on_the_dequantized_model(tiny_llama, tmp_path):
     model = ["--model_id", str(tiny_llama), "--use_qlora", "true"]
     evaluated = losses_of_run(tmp_path, "evaluated", *model, *EVALUATED)
-    plain = losses_of_run(tmp_path, "plain", *model, *NOT_EVALUATED)
+    plain = losses_of_run(tmp_path, "plain", *model)
     dequantized = write_dequantized_copy(tiny_llama, tmp_path / "dequantized-model")
-    lora = losses_of_run(tmp_path, "lora", "--model_id", str(dequantized), "--use_lora", "true", *NOT_EVALUATED)
-    assert len(plain) == 20
+    lora = losses_of_run(tmp_path, "lora", "--model_id", str(dequantized), "--use_lora", "true")
+    assert len(plain) == 10
     torch.testing.assert_close(evaluated, plain, rtol=0, atol=1e-3)
     torch.testing.assert_close(lora, plain, rtol=0, atol=1e-3)
 

@@ -6,12 +6,10 @@ pretraining steps, so the bar is lower than the quickstart's 90%, and far above 
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, run_train
+from conftest import SAMPLE_CHAT, SAMPLE_CHAT_EVAL, build_tiny_model, train_ok
 from datasets import Dataset
 
 from data_utils import prepare_datasets, read_records
@@ -20,6 +18,7 @@ from model_utils import load_for_generation
 from options import DataArguments
 from quiet import silenced_messages
 
+pytestmark = pytest.mark.e2e
 PRETRAIN_STEPS = 300
 EVAL_PROMPTS = 50
 BASE_AT_MOST = 0.10
@@ -30,35 +29,29 @@ FIXED_MESSAGES = ["'pin_memory' argument is set as true but no accelerator is fo
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("models") / "tiny-llama-units"
-    subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), "--output_dir", str(output_dir),
-         "--pretrain_steps", str(PRETRAIN_STEPS)],
-        check=True, capture_output=True, timeout=900,
-    )  # fmt: skip
-    return output_dir
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-units", "--pretrain_steps",
+                            str(PRETRAIN_STEPS))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def quickstart_run(base_model, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("runs") / "quickstart"
-    result = run_train(
-        "--model_id", str(base_model), "--train_data", str(REPO / "sample_data" / "chat.jsonl"),
-        "--eval_data", str(REPO / "sample_data" / "chat_eval.jsonl"), "--output_dir", str(output_dir),
+    result = train_ok(
+        "--model_id", str(base_model), "--train_data", SAMPLE_CHAT, "--eval_data", SAMPLE_CHAT_EVAL,
+        "--output_dir", str(output_dir),
         "--use_qlora", "true", "--num_train_epochs", "3", "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "25", "--learning_rate", "0.005", "--max_length", "128",
         "--sample_packing", "true", "--logging_steps", "20", "--eval_strategy", "no", "--eval_accuracy", "true",
         "--eval_accuracy_samples", str(EVAL_PROMPTS), "--save_strategy", "no", "--sample_generations", "2",
         "--report_to", "none", "--dataloader_num_workers", "0",
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output_dir, result.stdout + result.stderr
 
 
 def base_accuracy(model_dir) -> float:
     """The same exact-match code on the base model, in this process."""
     model, tokenizer = load_for_generation(str(model_dir), None, torch.float32, None, trust_remote_code=False)
-    data = str(REPO / "sample_data" / "chat_eval.jsonl")
+    data = SAMPLE_CHAT_EVAL
     args = DataArguments(train_data=data, eval_size=0)
     dataset, _ = prepare_datasets(args, tokenizer, Dataset.from_list(read_records(data, "--data", args)), None, 128)
     return answer_accuracy(model, tokenizer, dataset, limit=EVAL_PROMPTS, max_new_tokens=24)[0]
@@ -67,7 +60,7 @@ def base_accuracy(model_dir) -> float:
 def test_the_fine_tune_teaches_the_base_to_answer(base_model, quickstart_run):
     output_dir, _ = quickstart_run
     answers = [json.loads(line) for line in (output_dir / ANSWERS_FILE).read_text().splitlines()]
-    trained = {json.loads(line)["messages"][-1]["content"] for line in (REPO / "sample_data" / "chat.jsonl").open()}
+    trained = {json.loads(line)["messages"][-1]["content"] for line in open(SAMPLE_CHAT)}
     assert len(answers) == EVAL_PROMPTS
     # Independent recount: the reference is the held-out record's answer, compared here as plain strings.
     tuned = sum(answer["answer"].strip() == answer["reference"] for answer in answers) / EVAL_PROMPTS

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_jsonl
+from conftest import PYTHON_TRAIN, REPO, RUN_ENV, SAMPLE_CHAT, assert_refused, run_python_train, write_jsonl
 from datasets import Dataset
 
 import option_checks
@@ -32,26 +32,6 @@ from data_utils import max_record_chars, prepare_datasets, read_records, truncat
 from model_utils import load_tokenizer
 from options import DataArguments, ModelArguments
 from redaction import MASK, mask_secrets, register_secret
-
-SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
-
-
-def run_script(*args: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    """`python train.py ARGS`, as the single-process launchers run it (accelerate launch turns exit 2 into 1)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **popen.pop("env", {})}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        env=env, **popen,
-    )  # fmt: skip
-
-
-def assert_refused(result: subprocess.CompletedProcess, *named: str) -> str:
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-4000:]
-    assert "Traceback" not in output, output[-4000:]
-    for text in named:
-        assert text in output, (text, output[-4000:])
-    return output
 
 
 def parse(monkeypatch, *args):
@@ -149,6 +129,7 @@ def test_report_to_takes_a_list_as_users_write_it(monkeypatch, value):
 # ... and through the real entry point, all at once: exit 2, no traceback, every flag named, nothing created.
 
 
+@pytest.mark.e2e
 def test_bad_options_exit_2_before_anything_is_loaded_or_created(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
@@ -157,7 +138,7 @@ def test_bad_options_exit_2_before_anything_is_loaded_or_created(tmp_path):
     output_file = tmp_path / "taken"
     output_file.write_text("not a directory")
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    result = run_script(
+    result = run_python_train(
         "--model_id", str(model), "--train_data", SAMPLE_CHAT, "--output_dir", str(output_file),
         "--learning_rate", "-1", "--use_lora", "true", "--lora_r", "0", "--max_length", "0", "--eval_size", "1.5",
         "--resume_from_checkpoint", str(tmp_path / "missing" / "checkpoint-5"),
@@ -167,17 +148,18 @@ def test_bad_options_exit_2_before_anything_is_loaded_or_created(tmp_path):
         "--output_dir", "model.safetensors is truncated",
     )  # fmt: skip
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
-    both = run_script("--model_id", str(model), "--train_data", SAMPLE_CHAT, "--bf16", "true", "--fp16", "true",
+    both = run_python_train("--model_id", str(model), "--train_data", SAMPLE_CHAT, "--bf16", "true", "--fp16", "true",
                       "--output_dir", str(tmp_path / "out"))  # fmt: skip
     assert_refused(both, "--bf16 true and --fp16 true")
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_bad_data_with_a_local_mlflow_store_creates_nothing(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q", "completion": "A"}, "{not json"])
     out = tmp_path / "out"
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the store goes to --output_dir/mlflow.db
-    result = run_script("--model_id", str(tiny_llama), "--train_data", str(data), "--output_dir", str(out),
+    result = run_python_train("--model_id", str(tiny_llama), "--train_data", str(data), "--output_dir", str(out),
                         "--report_to", "mlflow", "--max_length", "64")  # fmt: skip
     assert_refused(result, "bad.jsonl:2")
     assert not out.exists()
@@ -186,15 +168,14 @@ def test_bad_data_with_a_local_mlflow_store_creates_nothing(tiny_llama, tmp_path
 # One run per output directory
 
 
+@pytest.mark.e2e
 def test_a_second_run_into_a_directory_in_use_is_refused_and_a_killed_run_leaves_no_lock(tiny_llama, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     flags = ["--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT, "--output_dir", str(out), "--max_length",
              "128", "--max_num_samples", "64"]  # fmt: skip
-    first = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *flags], cwd=REPO, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    first = subprocess.Popen([*PYTHON_TRAIN, *flags], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, **RUN_ENV})  # fmt: skip
     try:
         lock = out / OUTPUT_DIR_LOCK
         deadline = time.monotonic() + 120
@@ -202,16 +183,14 @@ def test_a_second_run_into_a_directory_in_use_is_refused_and_a_killed_run_leaves
             assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
             time.sleep(0.2)
         first.send_signal(signal.SIGSTOP)  # holds the lock, frozen, for as long as the test needs
-        second = run_script(*flags)
+        second = run_python_train(*flags)
         assert_refused(second, f"--output_dir {out} is in use by another run (pid {first.pid} on ", "started ")
         assert sorted(p.name for p in out.iterdir()) == [OUTPUT_DIR_LOCK]  # the refused run wrote nothing
     finally:
         first.kill()
         first.wait()
-    # SIGKILL gives no chance to clean up; the kernel dropped the lock with the process.
-    third = run_script(*flags, "--prepare_data_only", "true")
-    assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
-    assert (out / "prepared" / "preview.txt").is_file()
+    # SIGKILL gives no chance to clean up; the kernel dropped the lock with the process, so it can be taken here.
+    lock_output_dir(str(out), create=True)
 
 
 def test_lock_is_per_process_and_reentrant(tmp_path):
@@ -225,6 +204,7 @@ def test_lock_is_per_process_and_reentrant(tmp_path):
 # Huge records
 
 
+@pytest.mark.e2e
 def test_a_20_mb_line_meets_the_length_policy_in_seconds_with_its_line(tiny_llama, tmp_path):
     data = tmp_path / "train.jsonl"
     normal = json.dumps({"prompt": "Q: 2 + 2\nA:", "completion": " 4"})
@@ -235,12 +215,12 @@ def test_a_20_mb_line_meets_the_length_policy_in_seconds_with_its_line(tiny_llam
     flags = ["--model_id", str(tiny_llama), "--train_data", str(data), "--max_length", "64", "--eval_size", "0",
              "--eval_strategy", "no", "--prepare_data_only", "true", "--data_cache_dir", "none"]  # fmt: skip
     started = time.monotonic()
-    refused = run_script(*flags, "--output_dir", str(tmp_path / "refused"), timeout=120)
+    refused = run_python_train(*flags, "--output_dir", str(tmp_path / "refused"), timeout=120)
     # Tokenizing the line in full took more than 300 s and 3.8 GB; the pre-check reads and measures it.
     assert time.monotonic() - started < 100
     assert_refused(refused, "1 record(s) hold more than", f"{data}:3: 20000000 characters", "--long_sequence_strategy")
     assert not (tmp_path / "refused").exists()
-    dropped = run_script(*flags, "--output_dir", str(tmp_path / "dropped"), "--long_sequence_strategy", "drop")
+    dropped = run_python_train(*flags, "--output_dir", str(tmp_path / "dropped"), "--long_sequence_strategy", "drop")
     assert dropped.returncode == 0, (dropped.stdout + dropped.stderr)[-4000:]
     assert "dropped 1 record(s) longer than" in dropped.stdout + dropped.stderr
     assert Dataset.load_from_disk(str(tmp_path / "dropped" / "prepared" / "train")).num_rows == 3

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,14 +16,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO, launch_command, run_train
+from conftest import PYTHON_TRAIN, REPO, RUN_ENV, SAMPLE_CHAT, assert_ok, free_port, launch_command, run_train
 from mlflow import MlflowClient
 from transformers import TrainingArguments
 
 from redaction import MASK, mask_secrets
 from tracking import TRAINING_PARAMS, TrackingError, TrueFoundryTracker, tracking_problems
 
-SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
 FAKE_TRUEFOUNDRY = REPO / "tests" / "fake_truefoundry"
 ENV_SECRET = "hf_planted_env_secret_9731"
 URL_SECRET = "planted-url-password-4410"
@@ -39,12 +37,6 @@ FAST = [
     "--eval_size", "16", "--warmup_steps", "0", "--learning_rate", "0.003",
 ]  # fmt: skip
 SECRET_FLAGS = ["--run_name", f"https://user:{URL_SECRET}@example.com/run", "--hub_token", FLAG_SECRET]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_mlflow_server(directory: Path) -> tuple[subprocess.Popen, str]:
@@ -111,24 +103,9 @@ def planted_env_secret(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", ENV_SECRET)
 
 
-def run_tracked(*args, env: dict) -> subprocess.CompletedProcess:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return run_train(*args)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def train_ok(*args, env: dict) -> str:
-    result = run_tracked(*args, env=env)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    return output
+    result = assert_ok(run_train(*args, env=env))
+    return result.stdout + result.stderr
 
 
 def assert_no_secret(*texts: str) -> None:
@@ -162,6 +139,7 @@ def assert_model_card_and_curves(output_dir: Path, base_model: Path) -> None:
 # MLflow
 
 
+@pytest.mark.e2e
 def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(
     tiny_llama, tmp_path, mlflow_server, mlflow_store, data_server
 ):
@@ -247,6 +225,7 @@ def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(
     assert_no_secret_in_files(first, second, mlflow_store)
 
 
+@pytest.mark.e2e
 def test_hung_mlflow_server_costs_one_bounded_wait_after_the_model_is_saved(tiny_llama, tmp_path):
     """A server frozen with SIGSTOP accepts connections and never answers: every pending call would wait for its
     HTTP timeout in turn. The run saves the model, waits --tracker_upload_timeout for all of them, and ends 0."""
@@ -257,8 +236,7 @@ def test_hung_mlflow_server_costs_one_bounded_wait_after_the_model_is_saved(tiny
          "--output_dir", str(out), "--max_steps", "6", "--report_to", "mlflow", "--mlflow_log_checkpoints", "true",
          "--mlflow_run_name", "hung", "--tracker_upload_timeout", "5", *FAST],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "MLFLOW_TRACKING_URI": url, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-             "PYTHONUNBUFFERED": "1"},  # each log line as it is written: the server is frozen mid-training
+        env={**os.environ, **RUN_ENV, "MLFLOW_TRACKING_URI": url},  # unbuffered: the server is frozen mid-training
     )  # fmt: skip
     try:
         lines = []
@@ -288,6 +266,7 @@ def test_hung_mlflow_server_costs_one_bounded_wait_after_the_model_is_saved(tiny
     assert "Traceback" not in output
 
 
+@pytest.mark.e2e
 def test_mlflow_server_stopped_mid_training_lets_training_complete(tiny_llama, tmp_path):
     server, url = start_mlflow_server(tmp_path)
     out = tmp_path / "out"
@@ -296,7 +275,7 @@ def test_mlflow_server_stopped_mid_training_lets_training_complete(tiny_llama, t
          "--output_dir", str(out), "--max_steps", "6", "--report_to", "mlflow", "--mlflow_log_checkpoints", "true",
          "--mlflow_run_name", "gone", *FAST],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "MLFLOW_TRACKING_URI": url, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, **RUN_ENV, "MLFLOW_TRACKING_URI": url},
     )  # fmt: skip
     lines = []
     for line in process.stdout:
@@ -316,6 +295,7 @@ def test_mlflow_server_stopped_mid_training_lets_training_complete(tiny_llama, t
     assert len(client.get_metric_history(run.info.run_id, "loss")) < 6  # the later steps never reached it
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("backend", ["mlflow", "truefoundry"])
 def test_unreachable_tracker_stops_before_the_model_is_loaded(tiny_llama, tmp_path, backend):
     out = tmp_path / "out"
@@ -327,7 +307,7 @@ def test_unreachable_tracker_stops_before_the_model_is_loaded(tiny_llama, tmp_pa
                "FAKE_TRUEFOUNDRY_UNREACHABLE": "1"}  # fmt: skip
     # `python train.py`, as the single-process launchers run it: accelerate launch would turn exit code 2 into 1.
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT,
+        [*PYTHON_TRAIN, "--model_id", str(tiny_llama), "--train_data", SAMPLE_CHAT,
          "--output_dir", str(out), "--max_steps", "2", *flags, *FAST],
         capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
     )  # fmt: skip
@@ -345,6 +325,7 @@ def fake_calls(store: Path, method: str) -> list[dict]:
     return [c for c in calls if c["method"] == method]
 
 
+@pytest.mark.e2e
 def test_truefoundry_run_is_tracked_and_resumes_from_the_ml_repo(tiny_llama, tmp_path):
     store = tmp_path / "truefoundry"
     store.mkdir()
