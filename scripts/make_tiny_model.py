@@ -247,7 +247,7 @@ def build(args: argparse.Namespace) -> None:
     tokenizer.save_pretrained(args.output_dir)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, required=True, help="Where to save the model and tokenizer.")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="llama", help="Model architecture.")
@@ -264,7 +264,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--pretrain_batch_size", type=int, default=32, help="Texts per pretraining step.")
     parser.add_argument("--pretrain_learning_rate", type=float, default=3e-3, help="Peak pretraining learning rate.")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main() -> None:

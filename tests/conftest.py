@@ -48,11 +48,17 @@ def launch_command(num_processes: int = 1) -> list[str]:
 
 
 def build_tiny_model(output_dir: Path, *flags: str) -> Path:
-    subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), "--output_dir", str(output_dir), *flags],
-        check=True,
-        capture_output=True,
-    )
+    """scripts/make_tiny_model.py in this process (its libraries are loaded here already), leaving the global RNG as
+    it was."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "scripts" / "make_tiny_model.py")
+    make_tiny_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_tiny_model)
+    with torch.random.fork_rng(devices=[]):
+        make_tiny_model.build(make_tiny_model.parse_args(["--output_dir", str(output_dir), *flags]))
     return output_dir
 
 
@@ -218,13 +224,12 @@ def trainer_in_process(model_dir: Path, output_dir: Path, lora_args=None, callba
 
 
 def launches_an_entry_point(command) -> bool:
-    """train.py, a Python script of the repository, or `accelerate launch`. Building the tiny models is a fixture's
-    job; the launcher tests run scripts/*.sh with `python` and `accelerate` replaced by stubs, so nothing trains."""
+    """train.py, a Python script of the repository, or `accelerate launch`. (The launcher tests run scripts/*.sh with
+    `python` and `accelerate` replaced by stubs: nothing of the repository runs in a subprocess there.)"""
     words = [command] if isinstance(command, str | os.PathLike) else list(command)
     for word in map(str, words):
         path = Path(word)
-        if word == "accelerate.commands.launch" or (path.suffix == ".py" and path.name != "make_tiny_model.py"
-                                                     and REPO in path.resolve().parents):  # fmt: skip
+        if word == "accelerate.commands.launch" or (path.suffix == ".py" and REPO in path.resolve().parents):
             return True
     return False
 
