@@ -77,6 +77,30 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
+def tokenizer(request):
+    """Each tiny model's tokenizer as train.py loads it (the GPT-2 one gains a pad token)."""
+    from model_utils import ModelArguments, load_tokenizer
+
+    return load_tokenizer(ModelArguments(model_id=str(request.getfixturevalue(request.param))))
+
+
+def trained_text(tokenizer, sample) -> str:
+    """The tokens of a prepared sample that carry a label, decoded."""
+    from data_utils import IGNORE_INDEX
+
+    pairs = zip(sample["input_ids"], sample["labels"], strict=True)
+    return tokenizer.decode([token for token, label in pairs if label != IGNORE_INDEX])
+
+
+def parse_options(monkeypatch, *args) -> dict:
+    """Parse as `python train.py ARGS` does (train.args beside train.py, a config file, the command line)."""
+    import train
+
+    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
+    return dict(zip(("model", "data", "lora", "tracking", "training"), train.parse_args(), strict=True))
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path

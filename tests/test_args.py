@@ -8,6 +8,7 @@ from dataclasses import fields
 
 import pytest
 from conftest import REPO
+from conftest import parse_options as parse
 from transformers import TrainingArguments
 
 import options
@@ -27,12 +28,6 @@ TRUEFOUNDRY_LAUNCHER_FLAGS = """
 --per_device_eval_batch_size 2 --cleanup_output_dir_on_start false --torch_compile false --use_ddp false
 --max_length 2048 --pad_to_max_length false --early_stopping_patience 3 --early_stopping_threshold 0.01
 """
-
-
-def parse(monkeypatch, *args):
-    """Parse as `python train.py ARGS` does, so train.args beside train.py is read."""
-    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
-    return dict(zip(("model", "data", "lora", "tracking", "training"), train.parse_args(), strict=True))
 
 
 def test_train_args_supplies_defaults_that_differ_from_upstream(monkeypatch):

@@ -4,13 +4,13 @@ import json
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import REPO, assert_refused, run_python_train, train_ok, write_jsonl
+from conftest import parse_options as parse
 from datasets import Dataset, load_from_disk
 
 import options
@@ -24,12 +24,6 @@ KNOWN = options.option_names()
 LATER_FLAGS = {"sample_packing", "eval_sample_packing", "mlflow_experiment_name"}
 PLANTED_HF_TOKEN = "hf_PlantedSecretValue0123456789"
 PLANTED_WANDB_KEY = "0123456789abcdefPlantedWandbKey"
-
-
-def parse(monkeypatch, *args):
-    """Parse as `python train.py ARGS` does: train.args, then the config file, then the command line."""
-    monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
-    return dict(zip(("model", "data", "lora", "tracking", "training"), options.parse_args(), strict=True))
 
 
 def write_yaml(path, config: dict):

@@ -4,7 +4,7 @@ import json
 import logging
 
 import pytest
-from conftest import write_jsonl
+from conftest import trained_text, write_jsonl
 from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -56,20 +56,10 @@ PROMPT_COMPLETION = {"prompt": "Q: 7 - 2\nA:", "completion": " 5"}
 TEXT = {"text": "Seven minus two is five."}
 
 
-@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
-def tokenizer(request):
-    return load_tokenizer(ModelArguments(model_id=str(request.getfixturevalue(request.param))))
-
-
 def prepare(tokenizer, tmp_path, records, max_length=512, **options):
     args = DataArguments(train_data=str(write_jsonl(tmp_path / "train.jsonl", records)), eval_size=0, **options)
     raw = Dataset.from_list(read_records(args.train_data, "--train_data", args))
     return prepare_datasets(args, tokenizer, raw, None, max_length)[0]
-
-
-def trained_text(tokenizer, sample) -> str:
-    pairs = zip(sample["input_ids"], sample["labels"], strict=True)
-    return tokenizer.decode([token for token, label in pairs if label != IGNORE_INDEX])
 
 
 def expected_chat_labels(tokenizer, messages) -> str:

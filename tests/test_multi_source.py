@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import write_jsonl
+from conftest import trained_text, write_jsonl
 from datasets import Dataset, load_dataset
 
 import options
@@ -20,7 +20,6 @@ from data_mixing import (
 )
 from data_sources import DataError
 from data_utils import (
-    IGNORE_INDEX,
     aligned_source_ids,
     load_prepared_datasets,
     load_raw_datasets,
@@ -214,11 +213,6 @@ def test_records_option_and_eval_split_before_mixing(three_sources):
     assert [c["skipped"] for c in counts["train"]] == [3, 5, 0]
     assert len(train_set) + len(evaluation) == 3 + 3 + 10 and len(evaluation) == 4
     assert not set(train_set["source"]) & set(evaluation["source"])
-
-
-def trained_text(tokenizer, sample) -> str:
-    pairs = zip(sample["input_ids"], sample["labels"], strict=True)
-    return tokenizer.decode([token for token, label in pairs if label != IGNORE_INDEX])
 
 
 def test_masks_are_exact_per_source(tokenizer, tmp_path, three_sources, caplog):

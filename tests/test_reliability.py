@@ -29,8 +29,7 @@ from checkpoint_utils import (
     lock_output_dir,
 )
 from data_utils import max_record_chars, prepare_datasets, read_records, truncated_record
-from model_utils import load_tokenizer
-from options import DataArguments, ModelArguments
+from options import DataArguments
 from redaction import MASK, mask_secrets, register_secret
 
 
@@ -224,11 +223,6 @@ def test_a_20_mb_line_meets_the_length_policy_in_seconds_with_its_line(tiny_llam
     assert dropped.returncode == 0, (dropped.stdout + dropped.stderr)[-4000:]
     assert "dropped 1 record(s) longer than" in dropped.stdout + dropped.stderr
     assert Dataset.load_from_disk(str(tmp_path / "dropped" / "prepared" / "train")).num_rows == 3
-
-
-@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
-def tokenizer(request):
-    return load_tokenizer(ModelArguments(model_id=str(request.getfixturevalue(request.param))))
 
 
 LONG = "The quick brown fox jumps over the lazy dog; 12 + 30 = 42. " * 60  # 3,540 characters
