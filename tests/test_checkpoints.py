@@ -12,7 +12,7 @@ from conftest import (
     assert_same_step_losses,
     interrupt,
     launch_command,
-    run_compared,
+    run_command,
     run_python_train,
     step_losses,
     trainer_in_process,
@@ -52,7 +52,7 @@ DDP = ["--use_ddp", "true", "--use_cpu", "true", "--per_device_train_batch_size"
 def uninterrupted(request, tiny_llama, tmp_path_factory):
     method = request.param
     out = tmp_path_factory.mktemp(f"uninterrupted-{method}")
-    result = run_compared(train_args(tiny_llama, out, method))
+    result = run_python_train(*train_args(tiny_llama, out, method))
     assert result.returncode == 0, result.stderr[-3000:]
     return method, step_losses(out), out
 
@@ -75,7 +75,7 @@ def test_sigterm_saves_a_complete_checkpoint_and_resume_matches(uninterrupted, t
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half written")
 
-    result = run_compared(train_args(tiny_llama, out, method, "--resume_from_checkpoint", "true"))
+    result = run_python_train(*train_args(tiny_llama, out, method, "--resume_from_checkpoint", "true"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming from {checkpoints[-1]}" in result.stdout + result.stderr
     assert "Removing incomplete checkpoint" in result.stdout + result.stderr
@@ -92,8 +92,8 @@ def test_kill_9_after_a_checkpoint_resumes_exactly(uninterrupted, tiny_llama, tm
     code, _ = interrupt(train_args(tiny_llama, out, method), 12, [signal.SIGKILL])
     assert code == -signal.SIGKILL
     assert any((c / COMPLETE_MARKER).is_file() for c in checkpoint_utils.checkpoint_dirs(str(out)))
-    result = run_compared(
-        train_args(tiny_llama, out, method, "--resume_from_checkpoint", "true", "--keep_checkpoints", "true")
+    result = run_python_train(
+        *train_args(tiny_llama, out, method, "--resume_from_checkpoint", "true", "--keep_checkpoints", "true")
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_step_losses(step_losses(out), expected)
@@ -103,7 +103,7 @@ def test_kill_9_after_a_checkpoint_resumes_exactly(uninterrupted, tiny_llama, tm
 
 @pytest.mark.e2e
 def test_ddp_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tiny_llama, tmp_path):
-    expected_run = run_compared(train_args(tiny_llama, tmp_path / "uninterrupted", "lora", *DDP), DDP_TRAIN)
+    expected_run = run_command(DDP_TRAIN, *train_args(tiny_llama, tmp_path / "uninterrupted", "lora", *DDP))
     assert expected_run.returncode == 0, expected_run.stderr[-3000:]
     out = tmp_path / "run"
     # The launcher (torch elastic agent) passes SIGTERM on to both ranks.
@@ -113,7 +113,7 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tiny_llama
     assert checkpoints and all(checkpoint_utils.is_complete(c) for c in checkpoints)
     # Both ranks stopped after the same step and name the same checkpoint.
     assert output.count(f"Preempted by SIGTERM: the complete checkpoint {checkpoints[-1]} ") == 2, output[-3000:]
-    resumed = run_compared(train_args(tiny_llama, out, "lora", *DDP, "--resume_from_checkpoint", "true"), DDP_TRAIN)
+    resumed = run_command(DDP_TRAIN, *train_args(tiny_llama, out, "lora", *DDP, "--resume_from_checkpoint", "true"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_step_losses(step_losses(out), step_losses(tmp_path / "uninterrupted"))
 

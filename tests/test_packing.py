@@ -19,7 +19,6 @@ from conftest import (
     assert_same_step_losses,
     interrupt,
     logged_losses,
-    run_compared,
     run_python_train,
     step_losses,
     train_ok,
@@ -187,14 +186,14 @@ def packed_args(model, output_dir, *extra) -> list[str]:
 def accumulated_run(tiny_llama, tmp_path_factory) -> Path:
     """2 x 2 accumulated rows per optimizer step, uninterrupted: the reference of two tests below."""
     out = tmp_path_factory.mktemp("packed") / "b2x2"
-    assert_ok(run_compared(packed_args(tiny_llama, out, *ACCUMULATED)))
+    assert_ok(run_python_train(*packed_args(tiny_llama, out, *ACCUMULATED)))
     return out
 
 
 @pytest.mark.e2e
 def test_gradient_accumulation_optimises_the_same_loss(tiny_llama, tmp_path, accumulated_run):
     """Loss is the mean over the trained tokens of the whole optimizer step: 2 x 2 accumulated rows train like 4."""
-    assert_ok(run_compared(packed_args(tiny_llama, tmp_path / "b4", *ONE_BATCH)))
+    assert_ok(run_python_train(*packed_args(tiny_llama, tmp_path / "b4", *ONE_BATCH)))
     expected, losses = step_losses(tmp_path / "b4"), step_losses(accumulated_run)
     assert sorted(losses) == sorted(expected) == list(range(1, 11))
     assert_same_step_losses(losses, expected, abs_tolerance=1e-4)
@@ -206,7 +205,8 @@ def test_packed_run_resumes_exactly_after_sigterm(tiny_llama, tmp_path, accumula
     out = tmp_path / "run"
     code, output = interrupt(packed_args(tiny_llama, out, *ACCUMULATED), 4, [signal.SIGTERM])
     assert code == 143, output[-3000:]
-    resumed = assert_ok(run_compared(packed_args(tiny_llama, out, *ACCUMULATED, "--resume_from_checkpoint", "true")))
+    resume = packed_args(tiny_llama, out, *ACCUMULATED, "--resume_from_checkpoint", "true")
+    resumed = assert_ok(run_python_train(*resume))
     assert "Resuming from" in resumed.stdout + resumed.stderr
     assert_same_step_losses(step_losses(out), step_losses(accumulated_run))
 
