@@ -81,7 +81,8 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
 def tokenizer(request):
     """Each tiny model's tokenizer as train.py loads it (the GPT-2 one gains a pad token)."""
-    from model_utils import ModelArguments, load_tokenizer
+    from model_utils import load_tokenizer
+    from options import ModelArguments
 
     return load_tokenizer(ModelArguments(model_id=str(request.getfixturevalue(request.param))))
 
@@ -95,11 +96,11 @@ def trained_text(tokenizer, sample) -> str:
 
 
 def parse_options(monkeypatch, *args) -> dict:
-    """Parse as `python train.py ARGS` does (train.args beside train.py, a config file, the command line)."""
-    import train
+    """Parse as `python train.py ARGS` does (train.args, then a config file, then the command line)."""
+    import options
 
     monkeypatch.setattr(sys, "argv", [str(REPO / "train.py"), *args])
-    return dict(zip(("model", "data", "lora", "tracking", "training"), train.parse_args(), strict=True))
+    return dict(zip(("model", "data", "lora", "tracking", "training"), options.parse_args(), strict=True))
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -228,13 +229,14 @@ def trainer_in_process(model_dir: Path, output_dir: Path, lora_args=None, callba
     from transformers import set_seed
 
     import train
-    from data_utils import DataArguments, load_prepared_datasets
-    from model_utils import LoraArguments, ModelArguments, load_model, load_tokenizer
+    from data_utils import load_prepared_datasets
+    from model_utils import load_model, load_tokenizer
+    from options import DataArguments, FinetuneTrainingArguments, LoraArguments, ModelArguments
 
     quick = {"output_dir": str(output_dir), "use_cpu": True, "report_to": "none", "save_strategy": "no",
              "eval_strategy": "no", "logging_steps": 1, "per_device_train_batch_size": 8, "learning_rate": 0.005,
              "dataloader_num_workers": 0}  # fmt: skip
-    training_args = train.FinetuneTrainingArguments(**{**quick, **training})
+    training_args = FinetuneTrainingArguments(**{**quick, **training})
     model_args, lora_args = ModelArguments(model_id=str(model_dir)), lora_args or LoraArguments()
     data_args = DataArguments(train_data=SAMPLE_CHAT, max_num_samples=num_samples, eval_size=eval_size,
                               data_cache_dir="none")  # fmt: skip
