@@ -33,14 +33,13 @@ from transformers.utils import CONFIG_NAME, is_flash_attn_2_available
 
 from data_utils import IGNORE_INDEX
 from options import AUTO_TARGET_MODULES, LoraArguments, ModelArguments
+from output_layout import ADAPTER_SUBDIR, SAMPLES_FILE
 from packing import VARLEN, loaded_attention, varlen_available
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PAD_TOKEN = "<pad>"
 MEMORY_LIMIT_ENV = "TORCH_PER_PROCESS_MEMORY_LIMIT"
-ADAPTER_SUBDIR = "adapter"
-SAMPLES_FILE = "samples.jsonl"
 HUB_PROBE_TIMEOUT_S = 5
 
 

@@ -22,7 +22,8 @@ from mlflow import MlflowClient
 from transformers import TrainingArguments
 
 from redaction import MASK, mask_secrets
-from tracking import TRAINING_PARAMS, TrackingError, TrueFoundryTracker, tracking_problems
+from reporting import TRAINING_PARAMS
+from trackers import TrackingError, TrueFoundryTracker, tracking_problems
 
 SAMPLE_CHAT = str(REPO / "sample_data" / "chat.jsonl")
 FAKE_TRUEFOUNDRY = REPO / "tests" / "fake_truefoundry"
