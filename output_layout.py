@@ -44,11 +44,11 @@ RUN_RECORDS = (
 OWN_MODEL_FILES = (MODEL_CARD, TRAINING_CURVES, RUN_ARGS_FILE, ADAPTER_SUBDIR)
 # Run records a tracker gets as files of the run (the model card and curves also travel inside the model version).
 TRACKED_RUN_FILES = (MODEL_CARD, TRAINING_CURVES, SAMPLES_FILE, ANSWERS_FILE)
-# What the libraries write with a model: transformers' save_pretrained (config, weights, sharded weights and their
-# index, the tokenizer and its vocabulary files, chat templates, remote code), the Trainer's save_model / save_state,
-# PEFT's adapter files.
+# What the libraries write with a model: transformers' save_pretrained (configs: model, generation, tokenizer,
+# processor...; weights, sharded weights and their index; the tokenizer and its vocabulary files; chat templates; remote
+# code), the Trainer's save_model / save_state, PEFT's adapter files.
 LIBRARY_MODEL_FILES = re.compile(
-    r"^((generation_|adapter_|preprocessor_|tokenizer_)?config|tokenizer|special_tokens_map|added_tokens)\.json$"
+    r"^((\w+_)?config|tokenizer|special_tokens_map|added_tokens)\.json$"
     r"|^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$"
     r"|^(chat_template\.(jinja|json)|additional_chat_templates|training_args\.bin|trainer_state\.json)$"
     r"|^(vocab\.\w+|merges\.txt|[\w.-]+\.(model|tiktoken)|\w+\.py)$"
