@@ -1,8 +1,9 @@
 """Experiment trackers behind one small interface, and the factory that picks the one the options ask for.
 
 To add a tracker: subclass `Tracker` here (how the options choose it, their checks, how it opens a run, and the
-seven calls), add it to TRACKERS, and add its options to TrackingArguments. The rest of the run (uploads in the
-background, retries, resume from the tracker, what is logged and when) lives in tracking.py and serves every tracker.
+seven calls), add it to TRACKERS, and add its options to TrackingArguments (options.py). The rest of the run
+(uploads in the background, retries, resume from the tracker, what is logged and when) lives in tracking.py and
+serves every tracker.
 """
 
 import logging
