@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -25,17 +24,13 @@ import psutil
 import torch
 from accelerate import PartialState
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import rotate_checkpoints
+
+from output_layout import COMPLETE_MARKER, OUTPUT_DIR_LOCK, OUTPUT_DIR_MARKER, checkpoint_dir, checkpoint_step
 
 logger = logging.getLogger(__name__)
 
-# Written into every output dir this script creates; --cleanup_output_dir_on_start deletes only such dirs.
-OUTPUT_DIR_MARKER = ".finetune_output_dir"
-# Held (flock) by the run using the output dir; the kernel releases it when the process dies, however it dies.
-OUTPUT_DIR_LOCK = ".finetune.lock"
-COMPLETE_MARKER = "checkpoint_complete.json"
 REPO_ROOT = Path(__file__).resolve().parent
-CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # 128 + signal number, the shell's convention for "terminated by this signal".
 PREEMPTED_EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 WATCHDOG_EXIT_CODE = 3
@@ -57,7 +52,7 @@ def checkpoint_dirs(output_dir: str) -> list[Path]:
     path = Path(output_dir)
     if not path.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in path.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))]
+    found = [(step, p) for p in path.iterdir() if p.is_dir() and (step := checkpoint_step(p.name)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -141,7 +136,7 @@ class CheckpointCompletionCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         PartialState().wait_for_everyone()
         if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            checkpoint = checkpoint_dir(args.output_dir, state.global_step)
             mark_checkpoint_complete(checkpoint, state.global_step)
             rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
 
@@ -224,7 +219,7 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
-        self.checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        self.checkpoint = checkpoint_dir(args.output_dir, state.global_step)
 
     @property
     def exit_code(self) -> int:

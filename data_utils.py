@@ -37,6 +37,7 @@ from data_mixing import (
 from data_sources import DataError, InvalidRecord, fingerprint_source, iter_source_records
 from loss_masks import TokenizedBatch, labelled_batch, parse_template_kwargs
 from options import NO_EVAL_DATA, DataArguments
+from output_layout import PREPARED_SUBDIR, PREVIEW_FILE
 from packing import IGNORE_INDEX, FlattenedCollator, PackedCollator, pack_dataset
 
 logger = logging.getLogger(__name__)
@@ -709,11 +710,11 @@ def write_preview(path: Path, tokenizer: PreTrainedTokenizerBase, dataset: Datas
 def write_prepared_data(
     output_dir: str, tokenizer: PreTrainedTokenizerBase, train: Dataset, evaluation: Dataset | None
 ) -> Path:
-    directory = Path(output_dir) / "prepared"
+    directory = Path(output_dir) / PREPARED_SUBDIR
     if directory.exists():
         shutil.rmtree(directory)
     save_prepared(directory, train, evaluation)
-    write_preview(directory / "preview.txt", tokenizer, train)
+    write_preview(directory / PREVIEW_FILE, tokenizer, train)
     return directory
 
 

@@ -10,12 +10,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from model_utils import first_trained_span
+from output_layout import ANSWERS_FILE
 from packing import PACKED_SDPA
 
 logger = logging.getLogger(__name__)
 
 ACCURACY_METRIC = "eval_accuracy"
-ANSWERS_FILE = "eval_answers.jsonl"
 
 
 def prompts_and_references(dataset, limit: int) -> list[tuple[list[int], list[int]]]:

@@ -40,13 +40,12 @@ from launch_env import (
     weights_dtype,
 )
 from options import AUTO_TARGET_MODULES, LoraArguments, ModelArguments
+from output_layout import ADAPTER_SUBDIR, SAMPLES_FILE
 from packing import VARLEN, loaded_attention, varlen_available
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PAD_TOKEN = "<pad>"
-ADAPTER_SUBDIR = "adapter"
-SAMPLES_FILE = "samples.jsonl"
 HUB_PROBE_TIMEOUT_S = 5
 
 

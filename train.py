@@ -74,7 +74,6 @@ from engine_utils import engine_problems, init_deepspeed_comm
 from evaluation import AnswerAccuracyTrainer, accuracy_options, log_answer_accuracy
 from launch_env import apply_memory_limit
 from memory_estimate import check_memory_fits
-from mlfoundry_utils import save_run_arguments
 from model_utils import (
     ModelLoadError,
     answer_sample_prompts,
@@ -93,17 +92,9 @@ from option_checks import path_problems
 from options import NO_EVAL_DATA, ArgumentError, FinetuneTrainingArguments, has_eval_data, option_problems, parse_args
 from packing import flattens_batches, packed_attention
 from redaction import SecretMaskingFilter, mask_secrets, register_secret_options
-from tracking import (
-    TrackingError,
-    attach_tracker,
-    log_data_sources,
-    log_packing_efficiency,
-    report_run,
-    restore_checkpoint_from_tracker,
-    start_tracker,
-    tracker_store_in_output_dir,
-    tracking_problems,
-)
+from reporting import write_run_report
+from trackers import TrackingError, tracking_problems
+from tracking import Tracking, start_tracking
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +156,7 @@ def claim_output_dir(training_args: TrainingArguments, create: bool) -> None:
         lock_output_dir(training_args.output_dir, create)
 
 
-def prepare_output_dir(training_args: FinetuneTrainingArguments, tracker=None) -> str | None:
+def prepare_output_dir(training_args: FinetuneTrainingArguments, tracking: Tracking | None = None) -> str | None:
     """Lock, clean and mark the output dir on the main process (fetching the tracker's newest checkpoint when
     resuming with none here); return the checkpoint to resume from, if any."""
     state = PartialState()
@@ -175,7 +166,8 @@ def prepare_output_dir(training_args: FinetuneTrainingArguments, tracker=None) -
             cleanup_output_dir(training_args.output_dir)
         mark_output_dir(training_args.output_dir)
         remove_incomplete_checkpoints(training_args.output_dir)
-        restore_checkpoint_from_tracker(tracker, training_args)
+        if tracking is not None:
+            tracking.restore_checkpoint()
     state.wait_for_everyone()
     return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
@@ -263,10 +255,9 @@ def main() -> None:
     setup_logging(training_args)
     validate_args(model_args, data_args, lora_args, tracking_args, training_args)
     claim_output_dir(training_args, create=False)  # another run in an existing output dir: refuse now
-    # A remote tracker is reached now, so an unreachable one stops the run early; a local store is created in
-    # --output_dir, so only once the data is valid.
-    local_store = tracker_store_in_output_dir(tracking_args, training_args)
-    tracker = None if local_store else start_tracker(model_args, data_args, lora_args, tracking_args, training_args)
+    # A remote tracker is reached now (an unreachable one stops the run early); a store in --output_dir is created
+    # once the data is valid (tracking.log_data).
+    tracking = start_tracking(model_args, data_args, lora_args, tracking_args, training_args)
 
     # Read, validate and tokenize the data (or reuse the cached result): before any model weight is loaded.
     model_config = load_model_config(model_args)
@@ -278,7 +269,6 @@ def main() -> None:
         train_dataset, eval_dataset = load_prepared_datasets(
             data_args, tokenizer, max_length, training_args.data_seed or training_args.seed
         )
-    log_data_sources(tracker, source_summary(train_dataset, eval_dataset))
     if data_args.prepare_data_only:
         save_prepared_data(training_args, tokenizer, train_dataset, eval_dataset)
         return
@@ -286,14 +276,11 @@ def main() -> None:
         data_args, train_dataset, eval_dataset, max_length, rows_per_optimizer_step(training_args),
         flattens_batches(attention),
     )  # fmt: skip
-    if local_store:
-        claim_output_dir(training_args, create=True)
-        tracker = start_tracker(model_args, data_args, lora_args, tracking_args, training_args)
-    log_packing_efficiency(tracker, train=train_rows, eval=eval_rows)
+    tracking.log_data(source_summary(train_dataset, eval_dataset), train=train_rows, eval=eval_rows)
 
     # Build the model
     check_memory_fits(model_config, model_args, lora_args, training_args, max_length)
-    resume_checkpoint = prepare_output_dir(training_args, tracker)
+    resume_checkpoint = prepare_output_dir(training_args, tracking)
     apply_memory_limit(training_args)
     init_deepspeed_comm(training_args)
     set_seed(training_args.seed)  # the LoRA matrices and any new embedding rows are drawn from it
@@ -306,7 +293,7 @@ def main() -> None:
         model, tokenizer, training_args, data_args, train_rows, eval_rows, eval_dataset, max_length,
         [preemption, watchdog], flattens_batches(attention),
     )  # fmt: skip
-    attach_tracker(trainer, tracker, tracking_args)
+    tracking.attach(trainer)
     with packed_attention(model, attention, data_args.sample_packing), explain_disk_full(training_args.output_dir):
         trainer.train(resume_from_checkpoint=resume_checkpoint)
     raise_if_stopped_early(preemption, watchdog)
@@ -324,12 +311,13 @@ def main() -> None:
     if trainer.is_world_process_zero():
         with explain_disk_full(training_args.output_dir):
             write_final_model(model_args, lora_args, tokenizer, training_args)
-        save_run_arguments(output_dir, model_args, data_args, lora_args, tracking_args, training_args)
         if samples is not None:
             write_sample_generations(samples, training_args)
         if not training_args.keep_checkpoints:
             remove_intermediate_checkpoints(output_dir)
-        report_run(tracker, trainer, (model_args, data_args, lora_args, training_args), train_dataset, eval_dataset)
+        argument_groups = (model_args, data_args, lora_args, tracking_args, training_args)
+        summary = write_run_report(trainer, argument_groups, train_dataset, eval_dataset)
+        tracking.finish(summary, trainer.state.global_step)
     logger.info("Fine-tuned model saved in %s.", output_dir)
 
 

@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from make_sample_data import SYSTEM_PROMPT, chat_record, random_problem  # noqa: E402
 
+from output_layout import PREPARED_SUBDIR  # noqa: E402
+
 # Log-normal sample lengths (median e^6 = 403 tokens): about a third of the samples are longer than half of a
 # 1,024-token row, the share that keeps rows of at most 1,024 tokens from being filled.
 LENGTH_MU, LENGTH_SIGMA = 6.0, 0.7
@@ -159,7 +161,7 @@ def main() -> None:
         run([*common, "--output_dir", str(work / "prepared"), "--prepare_data_only", "true"])
         from datasets import load_from_disk
 
-        lengths = load_from_disk(str(work / "prepared" / "prepared" / "train"))["length"]
+        lengths = load_from_disk(str(work / "prepared" / PREPARED_SUBDIR / "train"))["length"]
         real_tokens, mean_length = sum(lengths), sum(lengths) / len(lengths)
         packed_rows = max(1, round(args.batch_size * mean_length / args.max_length))
         print(

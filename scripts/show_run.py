@@ -5,9 +5,11 @@ python scripts/show_run.py outputs/quickstart --before outputs/quickstart-base-a
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-ANSWERS_FILE = "eval_answers.jsonl"  # written by train.py --eval_accuracy (evaluation.ANSWERS_FILE)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from output_layout import ANSWERS_FILE  # noqa: E402
 
 
 def first_and_last(log_history: list[dict], key: str) -> tuple[float, float] | None:

@@ -16,6 +16,7 @@ from data_utils import prepare_datasets, read_records
 from evaluation import ANSWERS_FILE, answer_accuracy
 from model_utils import load_for_generation
 from options import DataArguments
+from output_layout import is_model_entry, unknown_entries
 from quiet import silenced_messages
 
 pytestmark = pytest.mark.e2e
@@ -88,3 +89,7 @@ def test_the_files_say_what_happened(quickstart_run):
         assert "| eval_accuracy |" in text and "More Information Needed" not in text
     samples = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
     assert samples[0]["prompt"].startswith("<s><|im_start|>")  # exactly what the model saw
+    # Every entry this run wrote is named by output_layout; the answers and samples stay out of the model.
+    assert unknown_entries(output_dir) == []
+    records = {path.name for path in output_dir.iterdir() if not is_model_entry(path.name)}
+    assert records == {"samples.jsonl", "eval_answers.jsonl", ".finetune_output_dir", ".finetune.lock"}

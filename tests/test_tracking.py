@@ -20,8 +20,10 @@ from conftest import PYTHON_TRAIN, REPO, RUN_ENV, SAMPLE_CHAT, assert_ok, free_p
 from mlflow import MlflowClient
 from transformers import TrainingArguments
 
+from output_layout import unknown_entries
 from redaction import MASK, mask_secrets
-from tracking import TRAINING_PARAMS, TrackingError, TrueFoundryTracker, tracking_problems
+from reporting import TRAINING_PARAMS
+from trackers import TrackingError, TrueFoundryTracker, tracking_problems
 
 FAKE_TRUEFOUNDRY = REPO / "tests" / "fake_truefoundry"
 ENV_SECRET = "hf_planted_env_secret_9731"
@@ -200,6 +202,7 @@ def test_mlflow_run_is_tracked_and_a_fresh_machine_resumes_from_it(
     files = {Path(a.path).name for a in client.list_logged_model_artifacts(logged_model.model_id)}
     assert {"config.json", "model.safetensors", "README.md", "training_curves.png"} <= files
     assert not any(name.startswith(("checkpoint-", "mlflow", "runs")) for name in files)
+    assert not unknown_entries(first)  # every entry of the output dir (checkpoints kept) is named by output_layout
     assert {"README.md", "training_curves.png"} <= {a.path for a in client.list_artifacts(run_id)}
     assert_model_card_and_curves(first, tiny_llama)
 
@@ -354,7 +357,7 @@ def test_truefoundry_run_is_tracked_and_resumes_from_the_ml_repo(tiny_llama, tmp
     [model] = fake_calls(store, "MlFoundryRun.log_model")
     assert model["name"] == "finetuned-tiny-llama" and model["framework"] == "transformers"
     assert {"config.json", "model.safetensors", "README.md", "training_curves.png"} <= set(model["files"])
-    assert not any(f.startswith(("checkpoint-", "runs")) for f in model["files"])
+    assert not any(f.startswith(("checkpoint-", "runs", "samples")) for f in model["files"])
     assert model["metadata"]["base_model"] == str(tiny_llama) and model["metadata"]["train_samples"] == 144
     assert [c["status"] for c in fake_calls(store, "MlFoundryRun.end")] == ["FINISHED"]
     assert_model_card_and_curves(first, tiny_llama)
