@@ -516,13 +516,18 @@ def apply_config_file(parser: HfArgumentParser, path: Path) -> Translation:
     translation = load_config_file(path, option_names())
     for action in parser._actions:
         value = translation.values.get(action.dest)
-        if action.choices is not None and isinstance(value, str):
-            typed = action.type(value) if action.type else value
-            if typed not in action.choices:
-                choices = ", ".join(str(choice) for choice in action.choices)
-                raise ConfigFileError(f"{path}: {action.dest}: {value!r} is not one of {choices}.")
+        if action.choices is not None and isinstance(value, str) and not is_choice(action, value):
+            choices = ", ".join(str(choice) for choice in action.choices)
+            raise ConfigFileError(f"{path}: {action.dest}: {value!r} is not one of {choices}.")
     set_parser_defaults(parser, translation.values)
     return translation
+
+
+def is_choice(action, value: str) -> bool:
+    try:
+        return (action.type(value) if action.type else value) in action.choices
+    except (TypeError, ValueError):  # e.g. "four" for an int choice
+        return False
 
 
 def set_parser_defaults(parser: HfArgumentParser, values: dict) -> None:

@@ -62,6 +62,9 @@ def test_a_config_value_outside_the_choices_names_the_file(tmp_path):
     config.write_text(json.dumps({"model_id": "m", "train_data": "d.jsonl", "lr_scheduler_type": "cosinus"}))
     with pytest.raises(ConfigFileError, match=r"run.json: lr_scheduler_type: 'cosinus' is not one of linear, cosine"):
         options.parse_args([str(config)])
+    config.write_text(json.dumps({"model_id": "m", "train_data": "d.jsonl", "qlora_bit_length": "four"}))
+    with pytest.raises(ConfigFileError, match=r"run.json: qlora_bit_length: 'four' is not one of 4, 8"):
+        options.parse_args([str(config)])
 
 
 def test_command_line_overrides_train_args(monkeypatch):
