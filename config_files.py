@@ -22,7 +22,7 @@ translated on the command line too.
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +70,6 @@ class Translation:
     environment: dict[str, str] = field(default_factory=dict)  # set for the run once the options parse
     untranslated: list[str] = field(default_factory=list)  # "key: why" for every key with no equivalent
     refused: list[str] = field(default_factory=list)  # "key: why" for data keys that cannot be honoured: always stop
-
-
-def option_names(argument_groups) -> set[str]:
-    return {item.name for group in argument_groups for item in fields(group) if item.init}
 
 
 def is_unset(value: Any) -> bool:
@@ -685,23 +681,20 @@ def translate_launcher_flags(tokens: list[str]) -> list[str]:
 
 
 def flag_values(tokens: list[str]) -> dict[str, str]:
-    """`--name value` / `--name=value` tokens as {name: value}; a flag without a value means true."""
+    """The last value of each `--name value` / `--name=value` flag; a flag without a value means true, and tokens
+    that are not flags are skipped."""
     values, index = {}, 0
     while index < len(tokens):
+        if flag_name(tokens[index]) is None:
+            index += 1
+            continue
         name, value, index = split_flag(tokens, index)
         values[name] = "true" if value is None else value
     return values
 
 
 def last_value(tokens: list[str], name: str) -> str | None:
-    value, index = None, 0
-    while index < len(tokens):
-        if flag_name(tokens[index]) == name:
-            _, value, index = split_flag(tokens, index)
-            value = "true" if value is None else value
-        else:
-            index += 1
-    return value
+    return flag_values(tokens).get(name)
 
 
 def command_line_tokens(arguments: list[str]) -> list[str]:
