@@ -16,6 +16,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+from numpy.typing import ArrayLike
 
 from data_formats import RECORD_FORMATS
 from data_sources import DataError, split_local_spec
@@ -242,7 +243,7 @@ class SourceCounts:
         return asdict(self)
 
 
-def summary_rows(counts: list[dict], train_ids: list[int], train_trained: list[int], eval_ids: list[int]) -> list:
+def summary_rows(counts: list[dict], train_ids: ArrayLike, train_trained: ArrayLike, eval_ids: ArrayLike) -> list:
     """One row per source: records read, invalid, skipped, kept for training (after mixing and the length policy),
     held out for evaluation, and trained tokens."""
     kept = np.bincount(np.asarray(train_ids, dtype=np.int64), minlength=len(counts))

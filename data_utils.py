@@ -38,7 +38,7 @@ from data_sources import DataError, InvalidRecord, fingerprint_source, iter_sour
 from loss_masks import TokenizedBatch, labelled_batch, parse_template_kwargs
 from options import NO_EVAL_DATA, DataArguments
 from output_layout import PREPARED_SUBDIR, PREVIEW_FILE
-from packing import IGNORE_INDEX, FlattenedCollator, PackedCollator, pack_dataset
+from packing import IGNORE_INDEX, FlattenedCollator, PackedCollator, column_values, pack_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def mix_train(train: Dataset, sources: list[DataSource], args: DataArguments, se
     without replacement up to the source's size and repeated beyond it, the mixture shuffled; concat keeps all."""
     if args.data_mixing == "concat":
         return train
-    source_ids = np.array(train["source_id"])
+    source_ids = column_values(train, "source_id")
     members = [np.flatnonzero(source_ids == index) for index in range(len(sources))]
     target = args.data_mix_size or len(train)
     quotas = weighted_quotas([source.weight for source in sources], target)
@@ -365,10 +365,10 @@ def tokenize_batch(
     `problem` (reported, or dropped with --skip_invalid_samples) and no tokens."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     tokenized, problems = labelled_batch(rows, tokenizer, train_on_prompt, template_kwargs)
-    return token_table(tokenized, [row["source"] for row in rows], problems)
+    return token_table(tokenized, rows, problems)
 
 
-def token_table(tokenized: TokenizedBatch, sources: list[str], problems: list[str | None]) -> pa.Table:
+def token_table(tokenized: TokenizedBatch, rows: list[dict], problems: list[str | None]) -> pa.Table:
     """The map output as Arrow columns built from the flat arrays (no per-token Python lists)."""
     ends = np.cumsum(tokenized.lengths)
     offsets = pa.array(np.concatenate([[0], ends]), type=pa.int32())
@@ -376,7 +376,8 @@ def token_table(tokenized: TokenizedBatch, sources: list[str], problems: list[st
     return pa.table({
         "input_ids": pa.ListArray.from_arrays(offsets, pa.array(tokenized.input_ids, type=pa.int64())),
         "labels": pa.ListArray.from_arrays(offsets, pa.array(tokenized.labels, type=pa.int64())),
-        "source": pa.array(sources, type=pa.string()),
+        "source": pa.array([row["source"] for row in rows], type=pa.string()),
+        "source_id": pa.array([row.get("source_id", 0) for row in rows], type=pa.int64()),
         "problem": pa.array(problems, type=pa.string()),
         "length": pa.array(tokenized.lengths, type=pa.int64()),
         "num_trained": pa.array(trained_through[ends] - trained_through[ends - tokenized.lengths], type=pa.int64()),
@@ -415,11 +416,6 @@ def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, args:
     except DataError as error:
         raise DataError(f"{split} data: {error}") from error
     return without_unmaskable(tokenized, args, split)
-
-
-def column_values(dataset: Dataset, name: str) -> np.ndarray:
-    """A column as one numpy array through Arrow (indexing a Dataset column builds a Python object per row)."""
-    return dataset.with_format("arrow")[name].to_numpy()
 
 
 def without_unmaskable(dataset: Dataset, args: DataArguments, split: str) -> Dataset:
@@ -527,24 +523,8 @@ def prepare_datasets(
             prepared.append(None)
             continue
         tokenized = tokenize_dataset(raw, tokenizer, args, split)
-        if "source_id" not in tokenized.column_names:
-            tokenized = tokenized.add_column("source_id", aligned_source_ids(raw, tokenized))
         prepared.append(apply_length_policy(tokenized, args, max_length, split))
     return prepared[0], prepared[1]
-
-
-def aligned_source_ids(raw: Dataset, tokenized: Dataset) -> list[int]:
-    """The source_id of each tokenized sample. Tokenizing maps records to samples in order, possibly leaving out
-    records it cannot render (with --skip_invalid_samples): walk both in order, matching on the `source` location."""
-    if "source_id" not in raw.column_names:
-        return [0] * len(tokenized)
-    if len(tokenized) == len(raw):
-        return raw["source_id"]
-    raw_rows = iter(zip(raw["source"], raw["source_id"], strict=True))
-    ids = []
-    for location in tokenized["source"]:
-        ids.append(next(source_id for raw_location, source_id in raw_rows if raw_location == location))
-    return ids
 
 
 def describe_prepared(train: Dataset, tokenizer: PreTrainedTokenizerBase, counts: dict) -> None:
@@ -559,11 +539,12 @@ def source_summary(train: Dataset, evaluation: Dataset | None) -> dict[str, list
     counts = json.loads(train.info.description or "{}").get("source_counts")
     if not counts:
         return {}
-    eval_ids = evaluation["source_id"] if evaluation is not None else []
+    eval_ids = column_values(evaluation, "source_id") if evaluation is not None else []
     held_out = [] if counts["eval"] else eval_ids  # --eval_size: evaluation records come from the train sources
-    summary = {"train": summary_rows(counts["train"], train["source_id"], train["num_trained"], held_out)}
+    train_ids, train_trained = column_values(train, "source_id"), column_values(train, "num_trained")
+    summary = {"train": summary_rows(counts["train"], train_ids, train_trained, held_out)}
     if counts["eval"]:
-        summary["eval"] = summary_rows(counts["eval"], eval_ids, evaluation["num_trained"], [])
+        summary["eval"] = summary_rows(counts["eval"], eval_ids, column_values(evaluation, "num_trained"), [])
     return summary
 
 
@@ -685,7 +666,7 @@ def marked_text(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], labels
 def preview_indices(dataset: Dataset) -> list[int]:
     """The first samples, then the first sample of every source not among them."""
     indices = list(range(min(PREVIEW_SAMPLES, len(dataset))))
-    source_ids = dataset["source_id"] if "source_id" in dataset.column_names else []
+    source_ids = column_values(dataset, "source_id").tolist() if "source_id" in dataset.column_names else []
     shown = {source_ids[index] for index in indices} if source_ids else set()
     for index, source_id in enumerate(source_ids):
         if source_id not in shown:

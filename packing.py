@@ -133,13 +133,18 @@ def pack_rows(batch: dict, indices: list[list[int]]) -> dict:
     return output
 
 
+def column_values(dataset: Dataset, name: str) -> np.ndarray:
+    """A column as one numpy array through Arrow (indexing a Dataset column builds a Python object per row)."""
+    return dataset.with_format("arrow")[name].to_numpy()
+
+
 def pack_dataset(
     dataset: Dataset, max_length: int, split: str = "train", rows_multiple: int = 1, flattened: bool = False
 ) -> Dataset:
     """A prepared dataset (input_ids, labels, length) as packed rows: input_ids, labels, position_ids, length,
     num_trained, num_samples, computed_tokens. Every sample lands in exactly one row; none is dropped.
     `rows_multiple`: see split_rows_to_multiple; `flattened`: the collator flattens each batch (computed_tokens)."""
-    lengths = list(dataset["length"])
+    lengths = column_values(dataset, "length").tolist()
     rows = split_rows_to_multiple(first_fit_decreasing(lengths, max_length), rows_multiple)
     columns = dataset.select_columns(["input_ids", "labels"]).to_dict()
     packed = pack_rows(columns, rows)

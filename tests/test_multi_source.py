@@ -20,7 +20,6 @@ from data_mixing import (
 )
 from data_sources import DataError
 from data_utils import (
-    aligned_source_ids,
     load_prepared_datasets,
     load_raw_datasets,
     prepared_cache_key,
@@ -289,11 +288,20 @@ def test_cache_key_covers_per_source_options(tokenizer, three_sources):
     assert prepared_cache_key(weighted, tokenizer, 256, 1) != key
 
 
-def test_source_ids_survive_records_the_tokenizer_leaves_out():
-    raw = Dataset.from_dict({"source": ["a:1", "a:2", "b:1", "a:1", "b:2"], "source_id": [0, 0, 1, 0, 1]})
-    tokenized = raw.select([0, 2, 3, 4]).remove_columns("source_id")  # a:2 could not be rendered
-    assert aligned_source_ids(raw, tokenized) == [0, 1, 0, 1]
-    assert aligned_source_ids(raw, raw.remove_columns("source_id")) == [0, 0, 1, 0, 1]
+def test_source_ids_survive_records_the_template_cannot_render(tokenizer, tmp_path):
+    refuses_boom = "{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('no boom') }}{% endif %}"
+    tokenizer.chat_template = refuses_boom + "{% endfor %}" + tokenizer.chat_template
+
+    def chat(text):
+        return {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text}]}
+
+    first = write_jsonl(tmp_path / "first.jsonl", [chat("one"), chat("boom"), chat("two")])
+    second = write_jsonl(tmp_path / "second.jsonl", [chat("boom"), chat("three")])
+    args = data_args([str(first), str(second)], skip_invalid_samples=True)
+    train_set, _ = load_prepared_datasets(args, tokenizer, 256, seed=1)
+    kept = sorted(zip(train_set["source"], train_set["source_id"], strict=True))
+    assert [(source.rsplit("/", 1)[1], source_id) for source, source_id in kept] == [
+        ("first.jsonl:1", 0), ("first.jsonl:3", 0), ("second.jsonl:2", 1)]  # fmt: skip
 
 
 def test_eval_sources_summary_and_preview_of_every_source(tokenizer, tmp_path, three_sources):
