@@ -20,7 +20,6 @@ import quiet  # first: bitsandbytes warns while transformers imports it
 
 # isort: split
 import torch
-from huggingface_hub.constants import HF_HOME
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
@@ -39,6 +38,7 @@ from data_formats import RECORD_FORMATS
 from data_mixing import MIXING_STRATEGIES, NO_EVAL_DATA, DataSource, parse_sources
 from data_sources import DataError
 from launch_env import launched_processes
+from quick_help import CACHE_ROOT, is_plain_help_request, store_help
 
 TRAIN_ARGS_FILE = Path(__file__).with_name("train.args")
 AUTO_TARGET_MODULES = "auto"  # --lora_target_modules: every linear layer but the output head
@@ -273,7 +273,7 @@ class DataArguments:
         metadata={"help": "Processes that tokenize. Default: every CPU core for large datasets, 1 for small ones."},
     )
     data_cache_dir: str = field(
-        default=os.path.join(HF_HOME, "llm-finetune", "prepared"),
+        default=str(CACHE_ROOT / "prepared"),
         metadata={
             "help": "Where tokenized datasets are cached, keyed by data content, tokenizer, template and data "
             "options; a rerun with the same inputs reuses them. 'none' disables the cache."
@@ -549,6 +549,8 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     data, unless the user asked for it. A config file's environment (credentials, W&B names) is set once it parses."""
     config_file, command_line = split_config_file(sys.argv[1:] if argv is None else argv)
     parser = build_parser(config_file)
+    if not config_file and is_plain_help_request(command_line):
+        store_help(parser.format_help())  # the next --help is answered before the heavy imports (quick_help.py)
     translation = apply_config_file(parser, config_file) if config_file else None
     arguments = command_line_tokens(command_line)
     try:

@@ -26,11 +26,18 @@ DeepSpeed ZeRO-3 (scripts/deepspeed_zero3_full.sh; configs in deepspeed_configs/
     accelerate launch --config_file accelerate_configs/fsdp_full_shard.yaml --num_processes 8 train.py ...
 """
 
+import sys
+
+import quick_help
+
+if __name__ == "__main__":
+    quick_help.print_cached_help_and_exit(sys.argv[1:])  # before the imports below, which take seconds
+
+# isort: split
 import copy
 import logging
 import os
 import signal
-import sys
 from dataclasses import fields
 
 import quiet  # first: bitsandbytes warns while the libraries below are imported

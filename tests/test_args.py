@@ -7,11 +7,12 @@ import sys
 from dataclasses import fields
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_command
 from conftest import parse_options as parse
 from transformers import TrainingArguments
 
 import options
+import quick_help
 import train
 from config_files import ConfigFileError
 
@@ -47,6 +48,46 @@ def test_help_shows_the_effective_defaults_and_where_they_come_from():
     assert re.search(r"--learning_rate LEARNING_RATE.*?\(default:\s+0\.0002\)", text, re.S)
     assert re.search(r"--output_dir OUTPUT_DIR.*?\(default:\s+\./outputs/run\)", text, re.S)
     assert str(options.TRAIN_ARGS_FILE) in " ".join(text.split()) and "--config FILE" in text
+
+
+def test_a_bare_help_is_stored_as_the_parser_prints_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quick_help, "HELP_DIR", tmp_path)
+    monkeypatch.setenv("COLUMNS", "100")
+    quick_help.print_cached_help_and_exit(["--help"])  # nothing stored yet: returns, the parser answers
+    with pytest.raises(SystemExit):
+        options.parse_args(["--help"])
+    printed = capsys.readouterr().out
+    assert printed == options.build_parser().format_help() and "--learning_rate" in printed
+    with pytest.raises(SystemExit) as exited:
+        quick_help.print_cached_help_and_exit(["-h"])
+    assert exited.value.code == 0 and capsys.readouterr().out == printed
+    for argv in (["--help", "--lora_r", "3"], ["run.yaml", "--help"], ["--model_id", "m"]):
+        quick_help.print_cached_help_and_exit(argv)  # only a bare --help is answered from the cache
+
+
+def test_the_help_key_changes_with_what_the_text_is_made_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(quick_help, "PROJECT_DIR", tmp_path)
+    (tmp_path / "options.py").write_text("X = 1\n")
+    (tmp_path / "train.args").write_text("--learning_rate 2e-4\n")
+    key = quick_help.help_key()
+    assert quick_help.help_key() == key
+    (tmp_path / "train.args").write_text("--learning_rate 1e-4\n")
+    after_defaults = quick_help.help_key()
+    (tmp_path / "options.py").write_text("X = 2\n")
+    after_code = quick_help.help_key()
+    monkeypatch.setenv("COLUMNS", "57")
+    assert len({key, after_defaults, after_code, quick_help.help_key()}) == 4
+
+
+@pytest.mark.e2e
+def test_a_repeated_help_does_not_import_the_libraries(tmp_path):
+    env = {"HF_HOME": str(tmp_path), "COLUMNS": "100"}
+    first = run_command([sys.executable, "-X", "importtime", str(REPO / "train.py"), "--help"], env=env)
+    second = run_command([sys.executable, "-X", "importtime", str(REPO / "train.py"), "--help"], env=env)
+    assert first.returncode == second.returncode == 0 and "--learning_rate" in first.stdout
+    assert second.stdout == first.stdout
+    imported = [re.findall(r"\|\s+(transformers|torch)$", run.stderr, re.M) for run in (first, second)]
+    assert imported[0] and not imported[1]  # the first run builds the parser (the check can fail), the second reads
 
 
 def test_config_flag_and_positional_file_are_the_same(tmp_path):
