@@ -182,33 +182,28 @@ def packed_args(model, output_dir, *extra) -> list[str]:
             *extra]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def accumulated_run(tiny_llama, tmp_path_factory) -> Path:
-    """2 x 2 accumulated rows per optimizer step, uninterrupted: the reference of two tests below."""
-    out = tmp_path_factory.mktemp("packed") / "b2x2"
-    assert_ok(run_python_train(*packed_args(tiny_llama, out, *ACCUMULATED)))
-    return out
-
-
 @pytest.mark.e2e
-def test_gradient_accumulation_optimises_the_same_loss(tiny_llama, tmp_path, accumulated_run):
+def test_gradient_accumulation_optimises_the_same_loss(tiny_llama, tmp_path):
     """Loss is the mean over the trained tokens of the whole optimizer step: 2 x 2 accumulated rows train like 4."""
     assert_ok(run_python_train(*packed_args(tiny_llama, tmp_path / "b4", *ONE_BATCH)))
-    expected, losses = step_losses(tmp_path / "b4"), step_losses(accumulated_run)
+    assert_ok(run_python_train(*packed_args(tiny_llama, tmp_path / "b2x2", *ACCUMULATED)))
+    expected, losses = step_losses(tmp_path / "b4"), step_losses(tmp_path / "b2x2")
     assert sorted(losses) == sorted(expected) == list(range(1, 11))
     assert_same_step_losses(losses, expected, abs_tolerance=1e-4)
     assert expected[10] < expected[1]
 
 
 @pytest.mark.e2e
-def test_packed_run_resumes_exactly_after_sigterm(tiny_llama, tmp_path, accumulated_run):
+def test_packed_lora_run_resumes_exactly_after_sigterm(tiny_llama, tmp_path):
+    lora = [*ACCUMULATED, "--use_lora", "true"]
+    reference = tmp_path / "reference"
+    assert_ok(run_python_train(*packed_args(tiny_llama, reference, *lora)))
     out = tmp_path / "run"
-    code, output = interrupt(packed_args(tiny_llama, out, *ACCUMULATED), 4, [signal.SIGTERM])
+    code, output = interrupt(packed_args(tiny_llama, out, *lora), 4, [signal.SIGTERM])
     assert code == 143, output[-3000:]
-    resume = packed_args(tiny_llama, out, *ACCUMULATED, "--resume_from_checkpoint", "true")
-    resumed = assert_ok(run_python_train(*resume))
+    resumed = assert_ok(run_python_train(*packed_args(tiny_llama, out, *lora, "--resume_from_checkpoint", "true")))
     assert "Resuming from" in resumed.stdout + resumed.stderr
-    assert_same_step_losses(step_losses(out), step_losses(accumulated_run))
+    assert_same_step_losses(step_losses(out), step_losses(reference))
 
 
 @pytest.mark.e2e
