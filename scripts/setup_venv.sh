@@ -12,6 +12,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r "$REPO_ROOT/requirements.txt"
   echo "$WANTED" > "$STAMP"
+  # Stores --help's text (quick_help.py), so the first `python train.py --help` is fast too.
+  "$VENV/bin/python" "$REPO_ROOT/train.py" --help > /dev/null
 fi
 export PATH="$VENV/bin:$PATH"
 export TOKENIZERS_PARALLELISM=false
