@@ -711,7 +711,7 @@ def pack_datasets(
     --eval_sample_packing false). Deterministic, so every rank builds the same rows and a resume sees the same data.
     The number of training rows is a multiple of `train_rows_multiple` (rows per optimizer step over all processes),
     so that no process is topped up with repeated rows and every optimizer step is full (evaluation discards its
-    repeats itself). `flattened`: the collator flattens each batch (packing.flattens_batches)."""
+    repeats itself). `flattened`: the collator flattens each batch (attention.flattens_batches)."""
     if not args.sample_packing:
         return train, evaluation
     train = pack_dataset(train, max_length, "train", train_rows_multiple, flattened)

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
+from attention import PACKED_SDPA
 from model_utils import first_trained_span
 from output_layout import ANSWERS_FILE
-from packing import PACKED_SDPA
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Tokenizer and model: loading (full / LoRA / DoRA / IA3, optionally on a quantized base, placed as the engine in
-launch_env.py says), attention selection, adapter targets, the final save and merge, and generation from a saved
-model."""
+launch_env.py says, with the attention attention.py chose), adapter targets, the final save and merge, and
+generation from a saved model."""
 
 import json
 import logging
@@ -25,10 +25,10 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import CONFIG_NAME, is_flash_attn_2_available
+from transformers.utils import CONFIG_NAME
 
+from attention import loaded_attention
 from data_utils import IGNORE_INDEX
 from launch_env import (
     compute_dtype,
@@ -41,7 +41,6 @@ from launch_env import (
 )
 from options import AUTO_TARGET_MODULES, LoraArguments, ModelArguments
 from output_layout import ADAPTER_SUBDIR, SAMPLES_FILE
-from packing import VARLEN, loaded_attention, varlen_available
 
 logger = logging.getLogger(__name__)
 
@@ -144,76 +143,6 @@ def quantization_config(lora_args: LoraArguments, training_args: TrainingArgumen
         bnb_4bit_compute_dtype=compute_dtype(training_args),
         bnb_4bit_quant_storage=quant_storage_dtype(training_args, lora_args),
     )
-
-
-FLASH_KERNELS = ("flash_attention_2", VARLEN)  # 16-bit only
-
-
-def attention_problems(model_args: ModelArguments, training_args: TrainingArguments, packing: bool) -> list[str]:
-    """--attn_implementation combinations that cannot run, or would let packed samples attend to each other."""
-    choice, problems = model_args.attn_implementation, []
-    if model_args.use_flash_attention and choice not in ("auto", "flash_attention_2"):
-        problems.append(f"--use_flash_attention true contradicts --attn_implementation {choice}; drop one of them.")
-    if choice == VARLEN and not (varlen_available() and uses_cuda(training_args)):
-        problems.append(
-            "--attn_implementation varlen needs a CUDA GPU and torch >= 2.10 (torch.nn.attention.varlen); use sdpa "
-            "(or auto) here."
-        )
-    if choice == VARLEN and not packing:
-        problems.append(
-            "--attn_implementation varlen runs packed batches only: add --sample_packing true, or use sdpa / "
-            "flash_attention_2."
-        )
-    if choice == "flash_attention_2" and not (is_flash_attn_2_available() and uses_cuda(training_args)):
-        problems.append(
-            "--attn_implementation flash_attention_2 needs the flash-attn package and a CUDA GPU; use varlen, sdpa "
-            "or auto."
-        )
-    if choice in FLASH_KERNELS and compute_dtype(training_args) == torch.float32:
-        problems.append(f"--attn_implementation {choice} runs in bf16/fp16 only: add --bf16 true (or --fp16 true).")
-    if packing and training_args.use_cache:
-        problems.append(
-            "--use_cache true with --sample_packing true: with a KV cache transformers skips the packed-sequence "
-            "detection and samples attend to each other. Drop --use_cache (it only serves generation)."
-        )
-    return problems
-
-
-def attention_implementation(
-    model_args: ModelArguments, training_args: TrainingArguments, packing: bool, config: PretrainedConfig
-) -> str:
-    """--attn_implementation resolved (`auto`: the fastest exact one for the device and packing). Packing is refused
-    for a model whose attention does not go through transformers' attention interface (state-space and older
-    architectures): the boundaries of the packed samples would never reach it."""
-    if packing and not supports_packing(config):
-        raise ModelLoadError(
-            f"--sample_packing true: {config.model_type} models do not route attention through transformers' "
-            "attention interface, so packed samples would attend to each other. Use --sample_packing false."
-        )
-    choice = model_args.attn_implementation
-    if model_args.use_flash_attention and choice == "auto":
-        if is_flash_attn_2_available() and uses_cuda(training_args):
-            return "flash_attention_2"
-        logger.warning("--use_flash_attention: flash-attn or a GPU is not available; using --attn_implementation auto.")
-    if choice != "auto":
-        return choice
-    if uses_cuda(training_args) and compute_dtype(training_args) != torch.float32:
-        if is_flash_attn_2_available():
-            return "flash_attention_2"
-        if packing and varlen_available():
-            return VARLEN
-    return "sdpa"
-
-
-def supports_packing(config: PretrainedConfig) -> bool:
-    """Whether the causal-LM class of this config passes attention kwargs through (`_supports_attention_backend`).
-    Custom-code models cannot be checked without running their code: they are trusted, with a warning."""
-    try:
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        logger.warning("--sample_packing: cannot check that %s models keep packed samples apart.", config.model_type)
-        return True
-    return model_class.is_backend_compatible()
 
 
 def device_map(training_args: TrainingArguments) -> dict | str | None:

@@ -23,6 +23,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
+import attention
 from config_files import (
     ConfigFileError,
     Translation,
@@ -63,14 +64,8 @@ class ModelArguments:
             "help": "Run Python code shipped with the model repo. Off by default: enable only for repos you trust."
         },
     )
-    attn_implementation: Literal["auto", "sdpa", "varlen", "flash_attention_2", "eager"] = field(
-        default="auto",
-        metadata={
-            "help": "Attention kernel. 'auto': the fastest exact one for the device and --sample_packing (GPU with "
-            "bf16/fp16: flash_attention_2 if flash-attn is installed, else varlen with packing, else sdpa; CPU: "
-            "sdpa). 'varlen': PyTorch's varlen flash attention (CUDA, torch >= 2.10, --sample_packing only). "
-            "'eager' is the slow reference. Combinations that would let packed samples see each other are refused."
-        },
+    attn_implementation: Literal[attention.CHOICES] = field(
+        default=attention.AUTO, metadata={"help": attention.OPTION_HELP}
     )
     use_flash_attention: bool = field(
         default=False,

@@ -48,6 +48,7 @@ import transformers
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
+from attention import AttentionError, attention_implementation, attention_problems, flattens_batches, packed_attention
 from checkpoint_utils import (
     PREEMPTED_EXIT_CODES,
     WATCHDOG_EXIT_CODE,
@@ -84,8 +85,6 @@ from memory_estimate import check_memory_fits
 from model_utils import (
     ModelLoadError,
     answer_sample_prompts,
-    attention_implementation,
-    attention_problems,
     load_model,
     load_model_config,
     load_tokenizer,
@@ -97,13 +96,15 @@ from model_utils import (
 )
 from option_checks import path_problems
 from options import NO_EVAL_DATA, ArgumentError, FinetuneTrainingArguments, has_eval_data, option_problems, parse_args
-from packing import flattens_batches, packed_attention
 from redaction import SecretMaskingFilter, mask_secrets, register_secret_options
 from reporting import write_run_report
 from trackers import TrackingError, tracking_problems
 from tracking import Tracking, start_tracking
 
 logger = logging.getLogger(__name__)
+
+# Errors the user fixes by changing the command or its inputs: one error line saying what and how, exit 2.
+REFUSALS = (ArgumentError, AttentionError, ConfigFileError, DataError, ModelLoadError, OutputDirError, TrackingError)
 
 
 class TrainingStopped(Exception):
@@ -331,7 +332,7 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ArgumentError, ConfigFileError, DataError, ModelLoadError, OutputDirError, TrackingError) as error:
+    except REFUSALS as error:
         logger.error("%s", error)
         sys.exit(2)
     except DiskFullError as error:

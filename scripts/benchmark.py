@@ -50,7 +50,7 @@ def available_backends() -> list[str]:
     """The attention backends this machine runs (varlen and flash_attention_2 need a CUDA GPU)."""
     from transformers.utils import is_flash_attn_2_available
 
-    from packing import varlen_available
+    from attention import varlen_available
 
     return (
         ["sdpa", "eager"]

@@ -4,6 +4,7 @@ import functools
 import runpy
 import signal
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,24 +37,28 @@ from transformers import (
 from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
-import model_utils
+import attention
 import packing
+from attention import (
+    PACKED_SDPA,
+    VARLEN,
+    attention_implementation,
+    attention_problems,
+    flattens_batches,
+    register_packed_attention,
+    training_attention,
+)
 from data_utils import build_collator, training_columns
-from model_utils import attention_implementation, attention_problems, load_tokenizer
+from model_utils import load_tokenizer
 from options import DataArguments, ModelArguments
 from packing import (
     IGNORE_INDEX,
-    PACKED_SDPA,
-    VARLEN,
     FlattenedCollator,
     PackedCollator,
     first_fit_decreasing,
-    flattens_batches,
     pack_dataset,
     packing_efficiency,
-    register_packed_attention,
     split_rows_to_multiple,
-    training_attention,
 )
 
 
@@ -327,7 +332,7 @@ def test_every_cpu_backend_gives_packed_samples_their_logits_alone(monkeypatch, 
     packed_sdpa on rows without the collator's boundaries (found from position_ids). The reference: each sample
     alone, through the model's standard attention (no packing code involved)."""
     register_packed_attention()
-    monkeypatch.setattr(packing, "varlen_attn", reference_varlen_attn)
+    monkeypatch.setattr(attention, "varlen_attn", reference_varlen_attn)
     packed = packed_rows_of(SAMPLE_LENGTHS)
     standard = "eager" if backend == "eager" else "sdpa"
     alone = alone_logits(small_model(architecture, standard), packed)
@@ -358,11 +363,11 @@ def test_negative_controls_leak_across_samples(monkeypatch):
     one_segment = torch.tensor([0, total], dtype=torch.int32)
     no_boundaries = {**batch, "cu_seq_lens_q": one_segment, "cu_seq_lens_k": one_segment, "max_length_q": total,
                      "max_length_k": total}  # fmt: skip
-    monkeypatch.setattr(packing, "varlen_attn", reference_varlen_attn)
+    monkeypatch.setattr(attention, "varlen_attn", reference_varlen_attn)
     with torch.no_grad():
         leaking = model(**no_boundaries, use_cache=False).logits[0]
     not_causal = functools.partial(reference_varlen_attn, window_size=(-1, -1))
-    monkeypatch.setattr(packing, "varlen_attn", lambda *args, window_size, **kwargs: not_causal(*args, **kwargs))
+    monkeypatch.setattr(attention, "varlen_attn", lambda *args, window_size, **kwargs: not_causal(*args, **kwargs))
     with torch.no_grad():
         bidirectional = model(**batch, use_cache=False).logits[0]
     assert worst_difference(leaking, alone) > 1e-2
@@ -435,6 +440,11 @@ def test_attention_problems(flags, problem):
     assert any(problem in p for p in problems), problems
 
 
+def set_available(monkeypatch, name: str, available: bool) -> None:
+    """Pretend this machine has (or lacks) what backend `name` needs."""
+    monkeypatch.setitem(attention.BACKENDS, name, replace(attention.BACKENDS[name], available=lambda: available))
+
+
 @pytest.mark.parametrize(
     ("cuda", "flash_attn", "bf16", "packing", "expected"),
     [
@@ -446,9 +456,9 @@ def test_attention_problems(flags, problem):
     ],
 )
 def test_auto_picks_the_fastest_exact_backend(monkeypatch, cuda, flash_attn, bf16, packing, expected):
-    monkeypatch.setattr(model_utils, "uses_cuda", lambda training_args: cuda)
-    monkeypatch.setattr(model_utils, "is_flash_attn_2_available", lambda: flash_attn)
-    monkeypatch.setattr(model_utils, "varlen_available", lambda: cuda)
+    monkeypatch.setattr(attention, "uses_cuda", lambda training_args: cuda)
+    set_available(monkeypatch, "flash_attention_2", flash_attn)
+    set_available(monkeypatch, VARLEN, cuda)
     training_args = TrainingArguments(output_dir="unused", use_cpu=True)
     training_args.bf16 = bf16
     chosen = attention_implementation(ModelArguments(model_id="m"), training_args, packing, LlamaConfig())
@@ -460,10 +470,12 @@ def test_auto_picks_the_fastest_exact_backend(monkeypatch, cuda, flash_attn, bf1
 
 
 def test_importing_registers_no_attention_function(monkeypatch):
-    """Only a run that packs registers packed_sdpa / varlen (packed_attention), not importing packing.py."""
+    """Only a run that packs registers packed_sdpa / varlen (packed_attention), not importing attention.py or
+    packing.py."""
     for name in (PACKED_SDPA, VARLEN):
         monkeypatch.delitem(AttentionInterface._global_mapping, name, raising=False)
-    runpy.run_path(str(REPO / "packing.py"))  # the module's import-time code, in a fresh namespace
+    for module in ("attention.py", "packing.py"):
+        runpy.run_path(str(REPO / module))  # the module's import-time code, in a fresh namespace
     assert not {PACKED_SDPA, VARLEN} & set(AttentionInterface._global_mapping)
     register_packed_attention()
     assert {PACKED_SDPA, VARLEN} <= set(AttentionInterface._global_mapping)

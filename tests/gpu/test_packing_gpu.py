@@ -12,7 +12,7 @@ from conftest import REPO
 from test_packing import SAMPLE_LENGTHS, flattened_batch, packed_rows_of, split_row, worst_difference
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from packing import VARLEN, register_packed_attention, varlen_available
+from attention import VARLEN, register_packed_attention, varlen_available
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
