@@ -299,6 +299,15 @@ def loaded_attention(attn_implementation: str) -> str:
     return entry(attn_implementation).loaded_as or attn_implementation
 
 
+def generation_attention(implementation: str) -> str:
+    """The implementation to generate with while the model runs `implementation`: a packed-training one (which
+    would read generation's left padding as sample boundaries) gives way to its backend's loaded one."""
+    for backend in BACKENDS.values():
+        if backend.packed_training == implementation:
+            return backend.loaded_as or backend.name
+    return implementation
+
+
 def register_packed_attention() -> None:
     """Make our attention functions (packed_sdpa, varlen) known to transformers (only runs that pack call this)."""
     for backend in BACKENDS.values():

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from attention import PACKED_SDPA
+from attention import generation_attention
 from model_utils import first_trained_span
 from output_layout import ANSWERS_FILE
 
@@ -33,18 +33,18 @@ def prompts_and_references(dataset, limit: int) -> list[tuple[list[int], list[in
 
 @contextmanager
 def generation_mode(model: PreTrainedModel):
-    """Eval mode, no gradients and standard SDPA (not the packed-row attention used in training), restored after."""
+    """Eval mode, no gradients and a standard attention (not the packed-row one used in training), restored after."""
     was_training, attention = model.training, model.config._attn_implementation
-    packed = attention == PACKED_SDPA
-    if packed:  # generation's left padding would read as sample boundaries
-        model.set_attn_implementation("sdpa")
+    generating = generation_attention(attention)
+    if generating != attention:
+        model.set_attn_implementation(generating)
     model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
         model.train(was_training)
-        if packed:
+        if generating != attention:
             model.set_attn_implementation(attention)
 
 

@@ -23,6 +23,7 @@ from attention import (
     attention_implementation,
     attention_problems,
     flattens_batches,
+    generation_attention,
     loaded_attention,
     packed_attention,
     packed_sdpa_attention_forward,
@@ -94,6 +95,13 @@ def test_a_backend_added_to_the_registry_alone_is_selected_and_refused_by_its_en
     assert refused == ["--attn_implementation gpu_alias needs a CUDA GPU; use sdpa_alias."]
     assert flattens_batches("sdpa_alias") and loaded_attention("sdpa_alias") == "sdpa"
     assert training_attention("sdpa_alias", packing=True) == "sdpa_alias"
+
+
+def test_generation_leaves_a_packed_training_implementation_for_its_backends_loaded_one(monkeypatch):
+    assert generation_attention("packed_sdpa") == "sdpa"
+    assert [generation_attention(name) for name in ("sdpa", "varlen", "eager")] == ["sdpa", "varlen", "eager"]
+    register_only_in_the_registry(monkeypatch, Backend("sdpa_alias", loaded_as="eager", packed_training="alias_rows"))
+    assert generation_attention("alias_rows") == "eager" and generation_attention("sdpa_alias") == "sdpa_alias"
 
 
 @pytest.mark.parametrize(("forward", "keeps_samples_apart"), [(packed_sdpa_attention_forward, True),
