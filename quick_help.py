@@ -23,6 +23,7 @@ HELP_REQUESTS = (["--help"], ["-h"])
 LIBRARIES = ("transformers", "peft", "accelerate", "torch", "datasets", "huggingface_hub", "bitsandbytes", "deepspeed")
 CACHE_ROOT = Path(HF_HOME) / "llm-finetune"  # this tool's caches: prepared data (options.py), help text
 HELP_DIR = CACHE_ROOT / "help"
+KEPT_TEXTS = 16
 
 
 def is_plain_help_request(argv: list[str]) -> bool:
@@ -65,12 +66,18 @@ def print_cached_help_and_exit(argv: list[str]) -> None:
 
 
 def store_help(text: str) -> None:
-    """Keep the parser's text for the next --help; a cache that cannot be written only costs speed."""
+    """Keep the parser's text for the next --help, and only the newest KEPT_TEXTS texts (each edit of the code makes a
+    new key). A cache that cannot be written only costs speed."""
     path = cached_help_path()
+    handle = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
             handle.write(text)
         os.replace(handle.name, path)  # atomic: processes launched together never read half a file
+        others = sorted((p for p in path.parent.glob("*.txt") if p != path), key=os.path.getmtime, reverse=True)
+        for old in others[KEPT_TEXTS - 1 :]:
+            old.unlink(missing_ok=True)
     except OSError:
-        return
+        if handle is not None:
+            Path(handle.name).unlink(missing_ok=True)

@@ -79,6 +79,20 @@ def test_the_help_key_changes_with_what_the_text_is_made_from(tmp_path, monkeypa
     assert len({key, after_defaults, after_code, quick_help.help_key()}) == 4
 
 
+def test_help_texts_are_pruned_and_an_unwritable_cache_only_costs_speed(tmp_path, monkeypatch):
+    monkeypatch.setattr(quick_help, "HELP_DIR", tmp_path / "help")
+    for width in range(20, 20 + quick_help.KEPT_TEXTS + 3):
+        monkeypatch.setenv("COLUMNS", str(width))  # a new key each time
+        quick_help.store_help(f"text {width}")
+    kept = list((tmp_path / "help").iterdir())
+    assert len(kept) == quick_help.KEPT_TEXTS and all(path.suffix == ".txt" for path in kept)
+    assert quick_help.cached_help_path().read_text() == f"text {width}"  # the newest is kept
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(quick_help, "HELP_DIR", tmp_path / "file" / "help")  # a directory that cannot be made
+    quick_help.store_help("text")
+    quick_help.print_cached_help_and_exit(["--help"])  # nothing stored: returns, the parser answers
+
+
 @pytest.mark.e2e
 def test_a_repeated_help_does_not_import_the_libraries(tmp_path):
     env = {"HF_HOME": str(tmp_path), "COLUMNS": "100"}
