@@ -85,7 +85,9 @@ def computed_tokens(row_lengths: list[int], max_length: int, flattened: bool) ->
 
 def rows_efficiency(packed: Dataset) -> float:
     """packing_efficiency of a packed dataset."""
-    return packing_efficiency(sum(packed["length"]), sum(packed["computed_tokens"]))
+    return packing_efficiency(
+        int(column_values(packed, "length").sum()), int(column_values(packed, "computed_tokens").sum())
+    )
 
 
 def is_packed(dataset: Dataset | None) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from data_mixing import NO_EVAL_DATA
 from output_layout import ADAPTER_SUBDIR, MODEL_CARD, RUN_ARGS_FILE, TRAINING_CURVES
+from packing import column_values
 from redaction import mask_secrets
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def run_summary(model_args, data_args, lora_args, training_args, log_history, tr
     def data_summary(dataset):
         if dataset is None:
             return {"samples": 0, "trained_tokens": 0}
-        trained = sum(dataset["num_trained"]) if "num_trained" in dataset.column_names else None
+        trained = int(column_values(dataset, "num_trained").sum()) if "num_trained" in dataset.column_names else None
         return {"samples": len(dataset), "trained_tokens": trained}
 
     training = run_arguments(training_args)
